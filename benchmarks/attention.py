@@ -1,0 +1,110 @@
+"""Benchmark: block-sparse attention (Eq. 5-9) against dense scaled_dot_product_attention.
+
+For T frames of 196 patches (224 px, 16 px patches) N = 196 T + 1 tokens. Prints, per T, the
+median time of forward and of forward+backward for dense SDPA and for `sparse_attention`, the
+speedup, the edge-count limit N / ((K_l + K_r) G + 1), and peak memory (CUDA: allocator peak; CPU:
+bytes saved for backward, counted with saved-tensor hooks).
+
+    python benchmarks/attention.py                      # CPU, float32, T = 4 8 16 32
+    python benchmarks/attention.py --device cuda --dtype bfloat16
+"""
+import argparse
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from sparse_attention import block_layout, sparse_attention  # noqa: E402
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def saved_bytes(fn):
+    """Bytes of the tensors autograd keeps for backward while `fn` runs (activation memory)."""
+    total, seen = 0, set()
+
+    def pack(t):
+        nonlocal total
+        key = (t.untyped_storage().data_ptr(), t.dtype, tuple(t.shape))
+        if key not in seen:
+            seen.add(key)
+            total += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return total, out
+
+
+def measure(fn, device, repeats, backward):
+    """Median seconds of `fn` (and its backward when asked) over `repeats` runs after a warm-up."""
+    times = []
+    for i in range(repeats + 1):
+        sync(device)
+        start = time.perf_counter()
+        out = fn()
+        if backward:
+            out.float().sum().backward()
+        sync(device)
+        if i:  # the first run warms up
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def run(frames, *, heads, dim, block_size, local_blocks, random_blocks, device, dtype, repeats):
+    N = 196 * frames + 1
+    q, k, v = (torch.randn(1, heads, N, dim, device=device, dtype=dtype, requires_grad=True)
+               for _ in range(3))
+    layout = block_layout(math.ceil((N - 1) / block_size), local_blocks, random_blocks, device=device)
+    dense = lambda: F.scaled_dot_product_attention(q, k, v)  # noqa: E731
+    sparse = lambda: sparse_attention(q, k, v, block_size, layout)[0]  # noqa: E731
+    row = {"T": frames, "N": N, "limit": N / ((local_blocks + random_blocks) * block_size + 1)}
+    for name, fn in (("dense", dense), ("sparse", sparse)):
+        row[f"{name}_fwd"] = measure(lambda: fn().detach(), device, repeats, backward=False)
+        row[f"{name}_fb"] = measure(fn, device, repeats, backward=True)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+            fn().float().sum().backward()
+            row[f"{name}_mem"] = torch.cuda.max_memory_allocated()
+        else:
+            row[f"{name}_mem"] = saved_bytes(fn)[0]
+        q.grad = k.grad = v.grad = None
+    return row
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--frames", type=int, nargs="+", default=[4, 8, 16, 32])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--heads", type=int, default=12)
+    parser.add_argument("--dim", type=int, default=64)
+    parser.add_argument("--blocks", type=int, nargs=3, default=[1, 3, 56], metavar=("K_l", "K_r", "G"))
+    args = parser.parse_args()
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    local_blocks, random_blocks, block_size = args.blocks
+    mem_name = "peak MB" if device.type == "cuda" else "saved MB"
+    print(f"device {device}, {args.dtype}, B=1 H={args.heads} D={args.dim}, "
+          f"(K_l, K_r, G) = {tuple(args.blocks)}, median of {args.repeats} runs")
+    print(f"{'T':>3} {'N':>5} | {'fwd dense':>9} {'sparse':>8} {'x':>6} | {'f+b dense':>9} {'sparse':>8} "
+          f"{'x':>6} | {'limit':>5} | {mem_name + ' dense':>16} {'sparse':>7}")
+    for frames in args.frames:
+        r = run(frames, heads=args.heads, dim=args.dim, block_size=block_size, local_blocks=local_blocks,
+                random_blocks=random_blocks, device=device, dtype=dtype, repeats=args.repeats)
+        print(f"{r['T']:>3} {r['N']:>5} | {r['dense_fwd'] * 1e3:>7.1f}ms {r['sparse_fwd'] * 1e3:>6.1f}ms "
+              f"{r['dense_fwd'] / r['sparse_fwd']:>5.1f}x | {r['dense_fb'] * 1e3:>7.1f}ms "
+              f"{r['sparse_fb'] * 1e3:>6.1f}ms {r['dense_fb'] / r['sparse_fb']:>5.1f}x | {r['limit']:>5.1f} | "
+              f"{r['dense_mem'] / 2**20:>16.1f} {r['sparse_mem'] / 2**20:>7.1f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,136 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sparse_attention import (SparseSelfAttention, attention_mask, block_layout, dense_attention,
+                              edge_count, sparse_attention)
+
+
+def relative_bias(num_heads, seed=0):
+    """A bias function of the shape model.py uses: a learned scalar per (head, position offset)."""
+    table = torch.randn(num_heads, 2 * 64 + 1, generator=torch.Generator().manual_seed(seed),
+                        dtype=torch.float64)
+
+    def bias(query_pos, key_pos):
+        return table[:, (key_pos - query_pos).clamp(-64, 64) + 64]
+    return bias
+
+
+def dense_reference(q, k, v, mask, bias=None):
+    logits = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+    if bias is not None:
+        pos = torch.arange(q.shape[2])
+        logits = logits + bias(pos[:, None], pos[None, :])
+    probs = logits.masked_fill(~mask, float("-inf")).softmax(-1)
+    return probs @ v, probs[:, :, 0, 1:]
+
+
+@pytest.mark.parametrize("num_tokens,block_size,local_blocks,random_blocks", [
+    (32, 4, 1, 3),   # N divisible by G
+    (30, 4, 1, 3),   # last block padded
+    (40, 4, 3, 2),   # K_l = 3
+    (33, 8, 3, 1),   # K_l = 3, padded
+    (10, 4, 1, 3),   # fewer blocks (3) than K_l + K_r
+])
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_sparse_equals_masked_dense(num_tokens, block_size, local_blocks, random_blocks, fused, with_bias):
+    g = torch.Generator().manual_seed(1)
+    layout = block_layout(math.ceil(num_tokens / block_size), local_blocks, random_blocks, g)
+    mask = attention_mask(num_tokens, block_size, layout)
+    bias = relative_bias(3) if with_bias else None
+    q, k, v = (torch.randn(2, 3, 1 + num_tokens, 8, dtype=torch.float64, generator=g, requires_grad=True)
+               for _ in range(3))
+    out, cls_attn = sparse_attention(q, k, v, block_size, layout, bias, fused=fused)
+    ref, ref_cls = dense_reference(q, k, v, mask, bias)
+    assert out.shape == q.shape and cls_attn.shape == (2, 3, num_tokens)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
+    torch.testing.assert_close(cls_attn, ref_cls, atol=1e-5, rtol=0)
+    w = torch.randn_like(out)
+    grads = torch.autograd.grad((out * w).sum(), (q, k, v))
+    ref_grads = torch.autograd.grad((ref * w).sum(), (q, k, v))
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
+def test_layout_rows():
+    g = torch.Generator().manual_seed(0)
+    layout = block_layout(10, 3, 4, g)
+    assert layout.shape == (10, 7)
+    for k, row in enumerate(layout.tolist()):
+        start = min(max(k - 1, 0), 10 - 3)  # Eq. 7 window, shifted inward at the ends
+        assert row[:3] == list(range(start, start + 3))
+        assert len(set(row)) == 7 and not set(row[3:]) & set(row[:3])  # Eq. 8: distinct, outside
+    # different draws differ; the same seed repeats
+    assert not torch.equal(block_layout(10, 1, 3, torch.Generator().manual_seed(0)),
+                           block_layout(10, 1, 3, torch.Generator().manual_seed(1)))
+    assert torch.equal(block_layout(10, 1, 3, torch.Generator().manual_seed(5)),
+                       block_layout(10, 1, 3, torch.Generator().manual_seed(5)))
+
+
+def test_layout_with_few_blocks_lists_every_block_once():
+    layout = block_layout(3, 1, 3)
+    assert layout.shape == (3, 3)
+    assert all(sorted(row) == [0, 1, 2] and row[0] == k for k, row in enumerate(layout.tolist()))
+
+
+@pytest.mark.parametrize("num_tokens,block_size,local_blocks,random_blocks", [(784, 56, 1, 3), (48, 4, 3, 2)])
+def test_mask_edges_follow_eq17(num_tokens, block_size, local_blocks, random_blocks):
+    layout = block_layout(num_tokens // block_size, local_blocks, random_blocks)
+    mask = attention_mask(num_tokens, block_size, layout)
+    regional = num_tokens * (local_blocks + random_blocks) * block_size  # Eq. 17 without the class token
+    assert int(mask.sum()) == regional + 2 * num_tokens + 1  # plus the class token's row and column
+    assert edge_count(1 + num_tokens, block_size, layout.shape[1]) == (1 + num_tokens) * (
+        local_blocks + random_blocks) * block_size
+
+
+def test_no_square_tensor_is_built(monkeypatch):
+    """Every intermediate stays O(N (K_l + K_r) G): nothing has N x N elements."""
+    N, G = 2048, 16
+    layout = block_layout(N // G, 1, 3)
+    q, k, v = (torch.randn(1, 1, 1 + N, 4, requires_grad=True) for _ in range(3))
+    largest = 0
+
+    def pack(t):
+        nonlocal largest
+        largest = max(largest, t.numel())
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out, _ = sparse_attention(q, k, v, G, layout, relative_bias(1), fused=False)
+    assert largest < N * N / 4
+    assert largest <= (N + G) * (1 + 4 * G) * 4
+
+
+def test_module_shapes_edges_and_class_row():
+    torch.manual_seed(0)
+    sparse = SparseSelfAttention(dim=32, num_heads=4, block_size=4, local_blocks=1, random_blocks=2)
+    dense = SparseSelfAttention(dim=32, num_heads=4, block_size=None)
+    dense.load_state_dict(sparse.state_dict())
+    x = torch.randn(2, 1 + 30, 32)
+    out, cls_attn, edges = sparse(x, generator=torch.Generator().manual_seed(0))
+    dense_out, dense_cls, dense_edges = dense(x)
+    assert out.shape == x.shape and cls_attn.shape == (2, 4, 30)
+    assert edges == 31 * 3 * 4 and dense_edges == 31 * 31
+    # the class token attends to every token in both modes (Eq. 9)
+    torch.testing.assert_close(out[:, 0], dense_out[:, 0], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(cls_attn, dense_cls, atol=1e-6, rtol=1e-4)
+    assert not torch.allclose(out[:, 1:], dense_out[:, 1:], atol=1e-3)  # regional rows are sparse
+
+
+def test_dense_attention_matches_full_mask():
+    q, k, v = (torch.randn(1, 2, 9, 4, dtype=torch.float64) for _ in range(3))
+    bias = relative_bias(2)
+    out, cls_attn = dense_attention(q, k, v, bias)
+    ref, ref_cls = dense_reference(q, k, v, torch.ones(9, 9, dtype=torch.bool), bias)
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(cls_attn, ref_cls)
+
+
+def test_sparse_with_all_blocks_equals_dense():
+    q, k, v = (torch.randn(1, 2, 1 + 24, 8, dtype=torch.float64) for _ in range(3))
+    layout = block_layout(6, 1, 5)
+    out, cls_attn = sparse_attention(q, k, v, 4, layout)
+    ref = F.scaled_dot_product_attention(q, k, v)
+    torch.testing.assert_close(out, ref)
