@@ -85,8 +85,8 @@ def sparse_attention(q, k, v, block_size, layout, bias=None, *, fused=True):
     q, k, v: (B, H, 1 + N, D), class token at position 0. `layout` (N_b, K) from `block_layout`.
     `bias`: None, or a relative position bias given as a function ``bias(query_pos, key_pos)`` that
     maps two broadcastable LongTensors of token positions (0 = class token, 1..N regional) to a
-    float tensor (H, *broadcast shape) added to the attention logits (Eq. 24). Asking for the bias
-    of the edges only keeps it in the sparse shape: no N x N table exists.
+    float tensor (B or 1, H, *broadcast shape) added to the attention logits (Eq. 24). Asking for
+    the bias of the edges only keeps it in the sparse shape: no N x N table exists.
 
     Returns ``(out, cls_attn)``: out (B, H, 1 + N, D); cls_attn (B, H, N), the class token's
     attention weights over the regional tokens (Eq. 10), which node pruning ranks.
@@ -108,7 +108,7 @@ def sparse_attention(q, k, v, block_size, layout, bias=None, *, fused=True):
     cls_logits = torch.einsum("bhd,bhjd->bhj", q[:, :, 0] * scale, k)  # (B, H, 1 + N)
     if bias is not None:
         positions = torch.arange(L, device=q.device)
-        cls_logits = cls_logits + bias(positions[:1, None], positions[None, :])[:, 0].to(q.dtype)
+        cls_logits = cls_logits + bias(positions[:1, None], positions[None, :])[:, :, 0].to(q.dtype)
     cls_probs = cls_logits.softmax(dim=-1)
     cls_out = torch.einsum("bhj,bhjd->bhd", cls_probs, v)  # (B, H, D)
 
@@ -130,7 +130,7 @@ def sparse_attention(q, k, v, block_size, layout, bias=None, *, fused=True):
     if bias is not None:
         query_pos = 1 + torch.arange(num_blocks * G, device=q.device).view(num_blocks, G)  # (N_b, G)
         logit_bias = bias(query_pos[:, :, None].clamp(max=N), key_pos[:, None, :].clamp(max=N))
-        logit_bias = logit_bias.to(q.dtype)  # (H, N_b, G, 1 + K G)
+        logit_bias = logit_bias.to(q.dtype)  # (B or 1, H, N_b, G, 1 + K G)
     if num_blocks * G != N:  # padding is never attended (footnote 2)
         pad_bias = torch.zeros(key_pos.shape, dtype=q.dtype, device=q.device)
         pad_bias = pad_bias.masked_fill(key_pos > N, float("-inf"))[:, None, :]  # (N_b, 1, 1 + K G)
@@ -141,7 +141,9 @@ def sparse_attention(q, k, v, block_size, layout, bias=None, *, fused=True):
         fold = "b h n x d -> b (h n) x d"
         mask = None
         if logit_bias is not None:
-            mask = rearrange(logit_bias.expand(H, *logit_bias.shape[-3:]), "h n g x -> (h n) g x")
+            if logit_bias.dim() == 3:  # padding only: (N_b, 1, 1 + K G) -> (1, H, N_b, 1, 1 + K G)
+                logit_bias = logit_bias.expand(1, H, *logit_bias.shape)
+            mask = rearrange(logit_bias, "b h n g x -> b (h n) g x")
         out = F.scaled_dot_product_attention(
             rearrange(q_blocks, fold), rearrange(k_rows, fold), rearrange(v_rows, fold), attn_mask=mask)
         out = rearrange(out, "b (h n) g d -> b h (n g) d", h=H)
@@ -162,12 +164,12 @@ def dense_attention(q, k, v, bias=None):
     mask = None
     if bias is not None:
         positions = torch.arange(L, device=q.device)
-        mask = bias(positions[:, None], positions[None, :]).to(q.dtype)  # (H, 1 + N, 1 + N)
+        mask = bias(positions[:, None], positions[None, :]).to(q.dtype)  # (B or 1, H, 1 + N, 1 + N)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     # the class token's row (Eq. 10), recomputed apart: the fused kernel does not return weights
     cls_logits = torch.einsum("bhd,bhjd->bhj", q[:, :, 0] * q.shape[-1] ** -0.5, k)
     if mask is not None:
-        cls_logits = cls_logits + mask[:, 0]
+        cls_logits = cls_logits + mask[:, :, 0]
     return out, cls_logits.softmax(dim=-1)[:, :, 1:]
 
 

