@@ -1,0 +1,442 @@
+"""Tests for data.py: frame sampling, decoding and transforms, MLM masking, bad input, synthetic data.
+
+Videos are small MP4s written with PyAV into tmp_path; the tokenizer is a tiny BERT WordPiece
+vocabulary built in memory, so nothing is downloaded.
+"""
+
+import json
+import logging
+import pickle
+
+import av
+import decord
+import numpy as np
+import pytest
+import torch
+import transformers
+
+import data
+
+COLOUR_RGB = {"red": (230, 30, 30), "green": (30, 200, 60), "blue": (30, 60, 230)}
+WORDS = ["a", "red", "green", "blue", "video", "square", "circle", "moves", "left", "right", "up",
+         "down", "then", "of", "the", "sky", "sea", "dog", "cat", "runs"]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    vocab = {word: i for i, word in enumerate(specials + WORDS)}
+    return transformers.BertTokenizer(vocab=vocab)
+
+
+def write_clip(path, frames):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data.write_mp4(str(path), frames, fps=8)
+
+
+def constant_clip(rgb, num_frames=12, size=32):
+    return np.broadcast_to(np.array(rgb, dtype=np.uint8), (num_frames, size, size, 3)).copy()
+
+
+def ramp_clip(num_frames=12, size=32):
+    """Frame i is uniform grey 20 + 18 i, so a decoded frame tells its index."""
+    levels = 20 + 18 * np.arange(num_frames)
+    return np.broadcast_to(levels[:, None, None, None], (num_frames, size, size, 3)).astype(np.uint8)
+
+
+def unnormalise(video):
+    mean = torch.tensor(data.IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(data.IMAGENET_STD).view(1, 3, 1, 1)
+    return video * std + mean                                                     # (T, 3, S, S)
+
+
+@pytest.fixture()
+def colour_set(tmp_path):
+    """Three readable clips whose caption names their colour, and four unreadable files."""
+    root = tmp_path / "videos"
+    for name, rgb in COLOUR_RGB.items():
+        write_clip(root / f"{name}.mp4", constant_clip(rgb))
+    (root / "empty.mp4").write_bytes(b"")
+    (root / "text.mp4").write_text("this is not a video\n")
+    valid = (root / "red.mp4").read_bytes()
+    (root / "truncated.mp4").write_bytes(valid[: len(valid) // 2])
+    with av.open(str(root / "audio.mp4"), "w") as container:
+        stream = container.add_stream("aac", rate=16000)
+        for _ in range(4):
+            frame = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp",
+                                               layout="mono")
+            frame.sample_rate = 16000
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode())
+    entries = [{"video": f"{name}.mp4", "caption": f"a {name} video"} for name in COLOUR_RGB]
+    bad = ["missing.mp4", "empty.mp4", "text.mp4", "truncated.mp4", "audio.mp4"]
+    entries += [{"video": video, "caption": "a video of the sky"} for video in bad]
+    annotation = tmp_path / "annotation.json"
+    annotation.write_text(json.dumps(entries))
+    return annotation, root, bad
+
+
+# --- frame sampling ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("num_frames,frames", [(16, 4), (17, 4), (100, 8), (8, 8), (30, 16)])
+def test_train_indices_fall_in_their_segment_and_cover_it(num_frames, frames):
+    generator = torch.Generator().manual_seed(0)
+    seen = [set() for _ in range(frames)]
+    for _ in range(300):
+        indices = data.sample_frame_indices(num_frames, frames, True, generator=generator)
+        assert len(indices) == frames
+        for segment, index in enumerate(indices):
+            assert segment * num_frames // frames <= index < (segment + 1) * num_frames // frames
+            seen[segment].add(index)
+    for segment in range(frames):   # every frame of a segment gets drawn
+        lo, hi = segment * num_frames // frames, (segment + 1) * num_frames // frames
+        assert seen[segment] == set(range(lo, hi))
+
+
+@pytest.mark.parametrize("num_frames,frames,expected", [
+    (16, 4, [1, 5, 9, 13]),
+    (17, 4, [1, 5, 9, 14]),     # segments [0,4) [4,8) [8,12) [12,17)
+    (12, 3, [1, 5, 9]),
+    (9, 1, [4]),
+    (8, 8, list(range(8))),
+])
+def test_test_indices_are_segment_middles(num_frames, frames, expected):
+    assert data.sample_frame_indices(num_frames, frames, False) == expected
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_short_clip_repeats_its_last_frame(train):
+    assert data.sample_frame_indices(3, 8, train) == [0, 1, 2, 2, 2, 2, 2, 2]
+    assert data.sample_frame_indices(1, 4, train) == [0, 0, 0, 0]
+
+
+def test_clip_without_frames_is_refused():
+    with pytest.raises(ValueError):
+        data.sample_frame_indices(0, 4, False)
+
+
+# --- transforms and decoding -------------------------------------------------------------------
+
+def test_random_resized_crop_box_respects_scale_ratio_and_bounds():
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(500):
+        top, left, h, w = data.random_resized_crop_box(90, 160, (0.5, 1.0), generator=generator)
+        assert 0 <= top and top + h <= 90 and 0 <= left and left + w <= 160
+        assert 0.5 * 0.97 <= h * w / (90 * 160) <= 1.0
+        assert 3 / 4 * 0.95 <= w / h <= 4 / 3 * 1.05
+
+
+def test_training_crop_is_shared_by_all_frames():
+    gradient = np.linspace(0, 255, 64, dtype=np.float32)
+    image = np.stack([*np.meshgrid(gradient, gradient[::-1]), np.full((64, 64), 128.0)], -1)
+    frames = np.repeat(image[None].astype(np.uint8), 4, axis=0)                    # (4, 64, 64, 3)
+    generator = torch.Generator().manual_seed(0)
+    crops = [data.transform_frames(frames, image_size=32, train=True, generator=generator)
+             for _ in range(4)]
+    for video in crops:
+        assert torch.equal(video[0], video[3])       # one crop for the clip ...
+    assert not torch.allclose(crops[0], crops[1])    # ... a new one for each clip
+
+
+def test_eval_item_decodes_middle_frames_with_normalised_values(tmp_path):
+    write_clip(tmp_path / "ramp.mp4", ramp_clip(num_frames=12))
+    annotation = [{"video": "ramp.mp4", "caption": "Ramp!"}]
+    dataset = data.VideoTextDataset(annotation, tmp_path, frames=4, image_size=24, train=False)
+    item = dataset[0]
+    video = item["video"]
+    assert video.shape == (4, 3, 24, 24) and video.dtype == torch.float32
+    assert item["caption"] == "ramp" and item["video_id"] == 0 and item["skipped"] == []
+    assert item["path"] == str(tmp_path / "ramp.mp4")
+    grey = unnormalise(video).mean(dim=(1, 2, 3)) * 255                            # (T,)
+    expected = 20 + 18 * torch.tensor([1.0, 4.0, 7.0, 10.0])   # middles of [0,3) [3,6) [6,9) [9,12)
+    assert torch.allclose(grey, expected, atol=4)
+
+
+def test_normalisation_uses_imagenet_statistics(tmp_path):
+    write_clip(tmp_path / "blue.mp4", constant_clip(COLOUR_RGB["blue"]))
+    annotation = [{"video": "blue.mp4", "caption": "blue"}]
+    for train in (True, False):
+        dataset = data.VideoTextDataset(annotation, tmp_path, frames=3, image_size=16, train=train)
+        video = dataset[0]["video"]
+        low = (0 - torch.tensor(data.IMAGENET_MEAN)) / torch.tensor(data.IMAGENET_STD)
+        high = (1 - torch.tensor(data.IMAGENET_MEAN)) / torch.tensor(data.IMAGENET_STD)
+        assert torch.all(video >= low.view(1, 3, 1, 1) - 1e-5)
+        assert torch.all(video <= high.view(1, 3, 1, 1) + 1e-5)
+        rgb = unnormalise(video).mean(dim=(0, 2, 3)) * 255                        # (3,)
+        assert torch.allclose(rgb, torch.tensor(COLOUR_RGB["blue"], dtype=torch.float), atol=8)
+
+
+def test_short_video_item_repeats_last_frame(tmp_path):
+    write_clip(tmp_path / "short.mp4", ramp_clip(num_frames=3))
+    annotation = [{"video": "short.mp4", "caption": "short"}]
+    dataset = data.VideoTextDataset(annotation, tmp_path, frames=6, image_size=16, train=True)
+    grey = unnormalise(dataset[0]["video"]).mean(dim=(1, 2, 3)) * 255              # (T,)
+    expected = 20 + 18 * torch.tensor([0.0, 1, 2, 2, 2, 2])
+    assert torch.allclose(grey, expected, atol=4)
+
+
+# --- annotations ---------------------------------------------------------------------------------
+
+def test_several_captions_share_a_video_id(tmp_path):
+    write_clip(tmp_path / "a.mp4", constant_clip(COLOUR_RGB["red"]))
+    write_clip(tmp_path / "b.mp4", constant_clip(COLOUR_RGB["green"]))
+    annotation = [{"video": "a.mp4", "caption": ["A red video.", "Red, again"]},
+                  {"video": "b.mp4", "caption": "a green video"},
+                  {"video": "a.mp4", "caption": "red video three"}]
+    train = data.VideoTextDataset(annotation, tmp_path, frames=2, image_size=16, train=True)
+    assert len(train) == 4 and train.videos == ["a.mp4", "b.mp4"]
+    assert [train[i]["video_id"] for i in range(4)] == [0, 0, 1, 0]
+    assert [train[i]["caption"] for i in range(4)] == ["a red video", "red again",
+                                                       "a green video", "red video three"]
+    test = data.VideoTextDataset(annotation, tmp_path, frames=2, image_size=16, train=False)
+    assert len(test) == 2
+    assert [test[i]["caption"] for i in range(2)] == ["a red video", "a green video"]
+    assert test.captions == [("a red video", 0), ("red again", 0), ("a green video", 1),
+                             ("red video three", 0)]
+
+
+@pytest.mark.parametrize("content,message", [
+    ("{not json", "not a JSON file"),
+    ('{"video": "a.mp4", "caption": "x"}', "expected a JSON list"),
+    ("[]", "no entries"),
+    ('[{"video": "a.mp4", "caption": "x"}, {"caption": "y"}]', "entry 1 {\"caption\": \"y\"}"),
+    ('[{"video": "a.mp4", "caption": "x"}, {"video": "b.mp4"}]', "entry 1"),
+    ('[{"video": "a.mp4", "caption": []}]', "entry 0"),
+    ('[{"video": "a.mp4", "caption": ["x", 3]}]', "entry 0"),
+    ('["a.mp4"]', "entry 0 \"a.mp4\""),
+])
+def test_malformed_annotation_names_file_and_entry(tmp_path, content, message):
+    path = tmp_path / "bad.json"
+    path.write_text(content)
+    with pytest.raises(data.AnnotationError) as error:
+        data.load_annotation(path)
+    assert str(path) in str(error.value) and message in str(error.value)
+    assert isinstance(error.value, ValueError)
+
+
+def test_missing_annotation_file_is_an_annotation_error(tmp_path):
+    with pytest.raises(data.AnnotationError, match="not found"):
+        data.load_annotation(tmp_path / "nowhere.json")
+
+
+# --- unreadable videos ---------------------------------------------------------------------------
+
+def test_training_replaces_unreadable_clips_with_whole_pairs(colour_set, caplog):
+    annotation, root, bad = colour_set
+    dataset = data.VideoTextDataset(annotation, root, frames=2, image_size=16, train=True)
+    caplog.set_level(logging.WARNING, logger="data")
+    for index, video in enumerate(bad, start=len(COLOUR_RGB)):
+        for _ in range(2):   # a second read of the same bad item logs nothing new
+            item = dataset[index]
+            assert item["skipped"][0] == str(root / video)
+            assert all(path.endswith(tuple(bad)) for path in item["skipped"])
+            colour = item["caption"].split()[1]                 # "a red video" -> red
+            assert item["path"] == str(root / f"{colour}.mp4")
+            assert dataset.videos[item["video_id"]] == f"{colour}.mp4"
+            rgb = unnormalise(item["video"]).mean(dim=(0, 2, 3)) * 255
+            assert torch.allclose(rgb, torch.tensor(COLOUR_RGB[colour], dtype=torch.float),
+                                  atol=10)
+    warned = [record.getMessage() for record in caplog.records]
+    for video in bad:
+        assert sum(str(root / video) in message for message in warned) == 1
+    assert dataset[0]["skipped"] == []
+
+
+def test_replacement_is_deterministic_from_seed(colour_set):
+    annotation, root, bad = colour_set
+    first = data.VideoTextDataset(annotation, root, frames=2, image_size=16, train=True, seed=3)
+    again = data.VideoTextDataset(annotation, root, frames=2, image_size=16, train=True, seed=3)
+    picks = [first[i]["path"] for i in range(len(first))]
+    assert picks == [again[i]["path"] for i in range(len(again))]
+    assert first.replacement_index(5, 0) != 5
+
+
+@pytest.mark.parametrize("video", ["missing.mp4", "empty.mp4", "text.mp4", "truncated.mp4",
+                                   "audio.mp4"])
+def test_eval_raises_naming_the_unreadable_file(colour_set, video):
+    annotation, root, bad = colour_set
+    dataset = data.VideoTextDataset(annotation, root, frames=2, image_size=16, train=False)
+    with pytest.raises(data.VideoReadError) as error:
+        dataset[dataset.videos.index(video)]
+    assert str(root / video) in str(error.value) and error.value.path == str(root / video)
+    assert str(pickle.loads(pickle.dumps(error.value))) == str(error.value)   # crosses processes
+
+
+def test_all_unreadable_training_set_stops_with_the_files(colour_set):
+    annotation, root, bad = colour_set
+    entries = [{"video": video, "caption": "nothing"} for video in bad]
+    dataset = data.VideoTextDataset(entries, root, frames=2, image_size=16, train=True)
+    with pytest.raises(data.VideoReadError, match="all unreadable") as error:
+        dataset[0]
+    assert str(root / "missing.mp4") in str(error.value)
+
+
+def test_check_lists_bad_videos_and_exits_nonzero(colour_set, capsys, tmp_path):
+    annotation, root, bad = colour_set
+    assert data.main(["--check", str(annotation), str(root), "--workers", "1"]) == 1
+    out = capsys.readouterr().out
+    assert "MISSING" in out and str(root / "missing.mp4") in out
+    for video in bad[1:]:
+        assert f"UNREADABLE                 {root / video}" in out
+    assert "12 frames" in out and "3 readable, 1 missing, 4 unreadable" in out
+    good = tmp_path / "good.json"
+    good.write_text(json.dumps([{"video": "red.mp4", "caption": "red"}]))
+    assert data.main(["--check", str(good), str(root)]) == 0
+    broken = tmp_path / "broken.json"
+    broken.write_text("[{")
+    assert data.main(["--check", str(broken), str(root)]) == 2
+    assert str(broken) in capsys.readouterr().err
+
+
+# --- text and collate ----------------------------------------------------------------------------
+
+def test_clean_caption():
+    assert data.clean_caption("  A Red-Square,  moves LEFT!  then/up.") == \
+        "a red square moves left then up"
+    assert data.clean_caption("The dog's (big) ball") == "the dogs big ball"
+
+
+def test_collate_shapes_and_video_ids(tokenizer):
+    items = [{"video": torch.zeros(4, 3, 16, 16), "caption": caption, "video_id": video_id,
+              "path": f"v{video_id}.mp4", "skipped": skipped}
+             for caption, video_id, skipped in [("a red square", 0, []),
+                                               ("a dog runs left then up", 7, ["x.mp4"]),
+                                               ("the sea", 7, ["y.mp4", "z.mp4"])]]
+    batch = data.make_collate(tokenizer, text_len=6, seed=0)(items)
+    assert batch["video"].shape == (3, 4, 3, 16, 16)
+    assert batch["input_ids"].shape == (3, 6)           # truncated to text_len
+    assert batch["attention_mask"].tolist()[2] == [1, 1, 1, 1, 0, 0]
+    assert batch["mlm_input_ids"].shape == batch["mlm_labels"].shape == (3, 6)
+    assert batch["video_id"].dtype == torch.long and batch["video_id"].tolist() == [0, 7, 7]
+    assert batch["skipped"] == ["x.mp4", "y.mp4", "z.mp4"]
+    assert batch["paths"] == ["v0.mp4", "v7.mp4", "v7.mp4"]
+
+
+def test_mlm_masking_rates(tokenizer):
+    rng = np.random.default_rng(0)
+    captions = [" ".join(rng.choice(WORDS, size=rng.integers(1, 12))) for _ in range(3000)]
+    items = [{"video": torch.zeros(1), "caption": caption, "video_id": 0, "path": "",
+              "skipped": []} for caption in captions]
+    batch = data.make_collate(tokenizer, text_len=32, seed=0)(items)
+    ids, labels, masked_ids = batch["input_ids"], batch["mlm_labels"], batch["mlm_input_ids"]
+    special = torch.isin(ids, torch.tensor(tokenizer.all_special_ids))
+    maskable = batch["attention_mask"].bool() & ~special
+    chosen = labels != -100
+    assert not (chosen & ~maskable).any()                  # never [CLS], [SEP] or padding
+    assert torch.equal(masked_ids[~chosen], ids[~chosen])
+    assert torch.equal(labels[chosen], ids[chosen])
+    assert abs(chosen.sum() / maskable.sum() - 0.15) < 0.01
+    to_mask = chosen & (masked_ids == tokenizer.mask_token_id)
+    unchanged = chosen & (masked_ids == ids)
+    replaced = chosen & ~to_mask & ~unchanged
+    n = chosen.sum()
+    assert abs(to_mask.sum() / n - 0.8) < 0.03
+    # a random token equals the original one time in len(WORDS)
+    assert abs(unchanged.sum() / n - 0.1 * (1 + 1 / len(WORDS))) < 0.02
+    assert abs(replaced.sum() / n - 0.1 * (1 - 1 / len(WORDS))) < 0.02
+    assert not torch.isin(masked_ids[replaced], torch.tensor(tokenizer.all_special_ids)).any()
+
+
+# --- synthetic dataset ---------------------------------------------------------------------------
+
+TINY = dict(num_train=8, num_test=8, num_frames=8, size=64, workers=1)
+
+
+def test_caption_groups_cover_every_caption_once():
+    groups = data.synthetic_caption_groups()
+    assert len(groups) == 6 * 3 * 4 * 5 * 3 * 4 // 4
+    captions = set()
+    rng = np.random.default_rng(0)
+    for attributes in groups:
+        _, events = data.make_scene(rng, attributes, size=112, num_frames=16)
+        clip_captions = {data.synthetic_caption(clip) for clip in data.scene_clips(events)}
+        assert len(clip_captions) == 4 and not clip_captions & captions
+        captions |= clip_captions
+    assert len(captions) == 4320
+
+
+def test_reversed_clip_is_the_clip_backwards():
+    rng = np.random.default_rng(1)
+    background, events = data.make_scene(rng, (("red", "square", "up"), ("blue", "circle", "left")),
+                                         size=112, num_frames=16)
+    object_size, _ = data.synthetic_geometry(112, 16)
+    forward = data.render_clip(background, events, num_frames=16, object_size=object_size)
+    backward = data.render_clip(background, data.reverse_events(events), num_frames=16,
+                                object_size=object_size)
+    assert np.array_equal(backward, forward[::-1])
+    assert not np.array_equal(forward, forward[::-1])
+    assert data.synthetic_caption(events) == "a red square moves up, then a blue circle moves left"
+    assert data.synthetic_caption(data.reverse_events(events)) == \
+        "a blue circle moves right, then a red square moves down"
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_objects_move_as_their_caption_says(seed):
+    rng = np.random.default_rng(seed)
+    groups = data.synthetic_caption_groups()
+    background, events = data.make_scene(rng, groups[seed * 97], size=112, num_frames=16)
+    object_size, _ = data.synthetic_geometry(112, 16)
+    for clip in data.scene_clips(events):
+        frames = data.render_clip(background, clip, num_frames=16, object_size=object_size)
+        words = data.synthetic_caption(clip).replace(",", "").split()
+        # "a C S moves D then a C S moves D": event k has colour words[1 + 6k], direction [4 + 6k]
+        for k in range(2):
+            colour, direction = words[1 + 6 * k], words[4 + 6 * k]
+            mask = np.all(frames == data.COLOURS[colour], axis=-1)                 # (F, S, S)
+            first, last = (0, 7) if k == 0 else (8, 15)
+            (y0, x0), (y1, x1) = (np.argwhere(mask[t]).mean(0) for t in (first, last))
+            dy, dx = data.DIRECTIONS[direction]
+            assert (y1 - y0) * dy > 30 or (x1 - x0) * dx > 30
+            other = (8, 15) if k == 0 else (0, 7)   # still while the other object moves
+            assert np.array_equal(np.argwhere(mask[other[0]]), np.argwhere(mask[other[1]]))
+
+
+def test_synthetic_is_deterministic_readable_and_split_cleanly(tmp_path):
+    first = data.ensure_synthetic(tmp_path / "a", seed=5, **TINY)
+    second = data.ensure_synthetic(tmp_path / "b", seed=5, **TINY)
+    other = data.ensure_synthetic(tmp_path / "c", seed=6, **TINY)
+    train = data.load_annotation(first["train"])
+    test = data.load_annotation(first["test"])
+    assert len(train) == 8 and len(test) == 8
+    assert train == data.load_annotation(second["train"])
+    assert test != data.load_annotation(other["test"])
+    for entry in train + test:
+        a = (tmp_path / "a" / "videos" / entry["video"]).read_bytes()
+        assert a == (tmp_path / "b" / "videos" / entry["video"]).read_bytes()
+        reader = decord.VideoReader(str(tmp_path / "a" / "videos" / entry["video"]))
+        assert len(reader) == 8 and reader[0].shape == (64, 64, 3)
+    test_captions = [entry["caption"] for entry in test]
+    assert len(set(test_captions)) == len(test_captions)
+    assert not set(test_captions) & {entry["caption"] for entry in train}
+    # decoded: clip 1 of a scene is clip 0 backwards, up to the codec's error
+    clips = [decord.VideoReader(str(tmp_path / "a" / "videos" / f"test/00000_{k}.mp4"))
+             .get_batch(list(range(8))).asnumpy().astype(float) for k in range(2)]
+    backwards = np.abs(clips[1] - clips[0][::-1]).mean(axis=(1, 2, 3))               # (F,)
+    forwards = np.abs(clips[1] - clips[0]).mean(axis=(1, 2, 3))                     # (F,)
+    assert backwards.max() < 4 and forwards[0] > 3 * backwards.max()
+
+
+def test_synthetic_is_made_once_and_remade_when_parameters_change(tmp_path):
+    paths = data.ensure_synthetic(tmp_path, seed=0, **TINY)
+    manifest = tmp_path / "manifest.json"
+    stamp = manifest.stat().st_mtime_ns
+    assert data.ensure_synthetic(tmp_path, seed=0, **TINY) == paths
+    assert manifest.stat().st_mtime_ns == stamp
+    (tmp_path / "videos" / "test" / "00001_2.mp4").unlink()       # incomplete: made again
+    data.ensure_synthetic(tmp_path, seed=0, **TINY)
+    assert (tmp_path / "videos" / "test" / "00001_2.mp4").exists()
+    data.ensure_synthetic(tmp_path, seed=0, **{**TINY, "num_train": 12})
+    assert len(data.load_annotation(paths["train"])) == 12
+    assert json.loads(manifest.read_text())["num_train"] == 12
+
+
+def test_synthetic_split_loads_through_the_dataset(tmp_path, tokenizer):
+    paths = data.ensure_synthetic(tmp_path, seed=0, **TINY)
+    dataset = data.VideoTextDataset(paths["test"], paths["video_root"], frames=4, image_size=32,
+                                    train=True)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=4,
+                                         collate_fn=data.make_collate(tokenizer))
+    batch = next(iter(loader))
+    assert batch["video"].shape == (4, 4, 3, 32, 32)
+    assert batch["skipped"] == [] and batch["video_id"].tolist() == [0, 1, 2, 3]
+    assert torch.isfinite(batch["video"]).all()
