@@ -55,7 +55,7 @@ STAGES = {
 # the synthetic data set is small, so it trains a few epochs at a larger learning rate and a batch
 # that a laptop holds; the learning rate still falls from stage to stage as in Table 9.
 TINY_STAGES = {
-    4: Stage(4, 1, 3, 14, 0.7, 0.1, epochs=6, warmup_epochs=0.5, batch_size=32, lr=3e-4, weight_decay=0.02),
+    4: Stage(4, 1, 3, 14, 0.7, 0.1, epochs=5, warmup_epochs=0.5, batch_size=32, lr=3e-4, weight_decay=0.02),
     8: Stage(8, 1, 3, 14, 0.6, 0.1, epochs=3, warmup_epochs=0.25, batch_size=32, lr=1e-4, weight_decay=0.02),
     16: Stage(16, 1, 3, 14, 0.5, 0.1, epochs=2, warmup_epochs=0.25, batch_size=16, lr=5e-5, weight_decay=0.02),
 }
@@ -151,6 +151,15 @@ def count_edges(frames, local_blocks, random_blocks, block_size, keep_rate_v, ke
     dense = visual_layers * full ** 2 + multimodal_layers * text_len * full
     return EdgeCount(visual_tokens, visual, multimodal_tokens, multimodal, total, dense,
                      sparsity=1 - total / dense)  # Eq. 19
+
+
+def count_config_edges(config):
+    """count_edges for a model config (any object with the fields of model.SViTTConfig)."""
+    return count_edges(config.frames, config.local_blocks, config.random_blocks, config.block_size,
+                       config.keep_rate_v, config.keep_rate_m, patches_per_frame=(config.image_size // config.patch_size) ** 2,
+                       text_len=config.text_len, visual_layers=config.vision_layers,
+                       multimodal_layers=config.multimodal_layers, prune_after=tuple(config.prune_after),
+                       multimodal_prune_after=config.multimodal_prune_after or None)
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,0 +1,537 @@
+"""Evaluation: zero-shot retrieval, test-time sparsity, temporal probing, cost tables, pictures (Sec. 5).
+
+    python eval.py                                   # newest checkpoint, its data's test split
+    python eval.py --checkpoint checkpoints/frames8/last.pt --output results.json
+    python eval.py --keep-rate-v 0.5 --keep-rate-m 1 # test-time node sparsity (Table 1, Fig. 5)
+    python eval.py --blocks 1 5 14                   # test-time edge sparsity (K_l, K_r, G) (Fig. 4)
+    python eval.py --dense                           # everything kept, full attention
+    python eval.py --shuffle-frames                  # temporal probing: frames in random order (Table 14)
+    python eval.py --sweep keep-rate-v               # recall against q_v, drawn as a PNG (Fig. 5)
+    python eval.py --visualize pictures/             # kept patches of a few clips (Figs. 6, 8)
+    python eval.py --cost [--preset base]            # FLOPs, activation memory and time (Table 2)
+
+Retrieval follows Singularity: VTC similarity for every (text, video) pair ranks all videos, then
+the top --k of each text (and of each video, for video-to-text) are re-scored by the VTM head; both
+rankings are reported. Metrics: R@1, R@5, R@10 and their mean, in percent. A tie with the right
+item counts against it (a constant score gets no credit). Random attention blocks are drawn from a
+seeded generator so a score can be reproduced.
+"""
+import argparse
+import json
+import math
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import curriculum
+import data
+from model import SViTT, SViTTConfig, preset, text_model_path
+
+PAPER_TABLE2 = {  # (T, sparsity) -> (GFLOPs, training memory GB) of Table 2
+    (4, "dense"): (139.9, 0.96), (4, "edge"): (135.9, 0.80), (4, "node"): (95.8, 0.61), (4, "hybrid"): (93.9, 0.54),
+    (8, "dense"): (291.3, 3.14), (8, "edge"): (271.8, 1.57), (8, "node"): (197.6, 1.77), (8, "hybrid"): (166.4, 0.92),
+    (16, "dense"): (627.8, 10.66), (16, "edge"): (543.6, 3.02), (16, "node"): (370.9, 4.39), (16, "hybrid"): (296.2, 1.57),
+}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", default=None, help="checkpoint (default: the newest */last.pt under checkpoints/)")
+    p.add_argument("--checkpoints-dir", default="checkpoints", help="where to look for the newest checkpoint")
+    p.add_argument("--data", default=None, help="test annotation JSON (default: the test split of the training data)")
+    p.add_argument("--video-root", default=None, help="folder the annotation's video paths are relative to")
+    p.add_argument("--k", type=int, default=128, help="videos (texts) per text (video) re-scored by VTM")
+    p.add_argument("--output", default=None, help="write the results as JSON here")
+    p.add_argument("--keep-rate-v", type=float, default=None, help="override q_v (visual keep rate)")
+    p.add_argument("--keep-rate-m", type=float, default=None, help="override q_m (cross-modal keep rate)")
+    p.add_argument("--blocks", type=int, nargs=3, default=None, metavar=("K_l", "K_r", "G"),
+                   help="override the attention blocks")
+    p.add_argument("--dense", action="store_true", help="dense attention and every token kept")
+    p.add_argument("--shuffle-frames", action="store_true", help="also evaluate with frames in a random order")
+    p.add_argument("--sweep", choices=["keep-rate-v", "keep-rate-m"], default=None,
+                   help="evaluate a list of keep rates and draw recall against keep rate")
+    p.add_argument("--sweep-values", type=float, nargs="+", default=[1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4])
+    p.add_argument("--visualize", default=None, metavar="DIR", help="write PNGs of the kept patches of a few clips")
+    p.add_argument("--num-pictures", type=int, default=4)
+    p.add_argument("--cost", action="store_true", help="print the cost table (Table 2) and exit")
+    p.add_argument("--preset", default="base", choices=["base", "tiny"], help="preset of --cost")
+    p.add_argument("--timing-preset", default="tiny", choices=["base", "tiny", "none"],
+                   help="preset whose step time --cost measures on the device (none: skip)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0, help="seed of the random attention blocks and of --shuffle-frames")
+    p.add_argument("--device", default=None)
+    return p.parse_args(argv)
+
+
+# --------------------------------------------------------------------------------------------
+# Model and data
+# --------------------------------------------------------------------------------------------
+
+def latest_checkpoint(folder):
+    candidates = sorted(Path(folder).glob("*/last.pt"), key=lambda p: p.stat().st_mtime)
+    if not candidates:
+        raise SystemExit(f"no checkpoint */last.pt under {folder}/: train one with `python train.py --frames 4`, "
+                         f"or pass --checkpoint")
+    return candidates[-1]
+
+
+def sparsity_overrides(config, *, keep_rate_v=None, keep_rate_m=None, blocks=None, dense=False):
+    """The config with test-time sparsity (Table 1, Figs. 4-5); the weights do not change."""
+    if dense:
+        return replace(config, block_size=None, keep_rate_v=1.0, keep_rate_m=1.0)
+    if keep_rate_v is not None:
+        config = replace(config, keep_rate_v=keep_rate_v)
+    if keep_rate_m is not None:
+        config = replace(config, keep_rate_m=keep_rate_m)
+    if blocks is not None:
+        config = replace(config, local_blocks=blocks[0], random_blocks=blocks[1], block_size=blocks[2])
+    return config
+
+
+def load_model(path, device, **overrides):
+    """-> (model in eval mode, its config, the checkpoint's run info)."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise SystemExit(f"{path} does not exist")
+    except Exception as error:
+        raise SystemExit(f"{path} is not a readable SViTT checkpoint ({type(error).__name__}: {error})")
+    config = sparsity_overrides(SViTTConfig.from_dict(ckpt["config"]), **overrides)
+    model = SViTT(config, pretrained=False)
+    model.load_state_dict(ckpt["model"])
+    return model.to(device).eval(), config, ckpt.get("run", {})
+
+
+def test_split(args, run):
+    """(annotation, video root) of the evaluation: --data, else the training run's test split."""
+    if args.data:
+        if not args.video_root:
+            raise SystemExit("--data needs --video-root")
+        return args.data, args.video_root
+    if run.get("test_data"):
+        return run["test_data"], run["video_root"]
+    if not run.get("data"):  # trained on the synthetic data set
+        paths = data.ensure_synthetic()
+        return paths["test"], paths["video_root"]
+    raise SystemExit(f"the checkpoint was trained on {run['data']} without a test split: pass --data and --video-root")
+
+
+def shuffled_order(frames, seed, index):
+    """A random order of `frames` frames for clip `index`, never the identity when frames > 1."""
+    g = torch.Generator().manual_seed(seed * 100003 + index)
+    while True:
+        order = torch.randperm(frames, generator=g)
+        if frames == 1 or not torch.equal(order, torch.arange(frames)):
+            return order
+
+
+def as_list(items):
+    return items
+
+
+@torch.no_grad()
+def extract(model, dataset, tokenizer, device, *, batch_size, workers, seed, shuffle_frames=False):
+    """Video tokens and features of every test video, text states and features of every caption."""
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=as_list)
+    generator = torch.Generator(device).manual_seed(seed)  # the random attention blocks
+    tokens, indices, video_feats, seen = [], [], [], 0
+    for items in loader:
+        video = torch.stack([item["video"] for item in items])  # (B, T, 3, S, S)
+        if shuffle_frames:  # Table 14: the same clips with frames out of order
+            video = torch.stack([v[shuffled_order(v.shape[0], seed, seen + i)] for i, v in enumerate(video)])
+        seen += len(items)
+        tok, index, feat = model.encode_video(video.to(device), generator)
+        tokens.append(tok.cpu())
+        indices.append(index.cpu())
+        video_feats.append(feat.cpu())
+    captions = [caption for caption, _ in dataset.captions]
+    text = data.tokenize_captions(tokenizer, captions, model.config.text_len)
+    states, text_feats = [], []
+    for start in range(0, len(captions), 128):
+        ids = text["input_ids"][start:start + 128].to(device)
+        mask = text["attention_mask"][start:start + 128].to(device)
+        s, f = model.encode_text(ids, mask)
+        states.append(s.cpu())
+        text_feats.append(f.cpu())
+    return {"video_tokens": torch.cat(tokens), "video_index": torch.cat(indices),
+            "video_feat": torch.cat(video_feats), "text_states": torch.cat(states),
+            "text_mask": text["attention_mask"], "text_feat": torch.cat(text_feats),
+            "text_video": torch.tensor([video_id for _, video_id in dataset.captions])}
+
+
+@torch.no_grad()
+def vtm_scores(model, feats, pairs, device, batch_size=256):
+    """VTM match score log p(match) for (text, video) index pairs (P, 2)."""
+    scores = []
+    for start in range(0, len(pairs), batch_size):
+        t, v = pairs[start:start + batch_size].T
+        logits = model.match_logits(feats["text_states"][t].to(device), feats["text_mask"][t].to(device),
+                                    feats["video_tokens"][v].to(device))
+        scores.append(logits.float().log_softmax(-1)[:, 1].cpu())
+    return torch.cat(scores) if scores else torch.zeros(0)
+
+
+def rerank(model, feats, sim, k, device):
+    """Re-score the top k of each row (t2v) and of each column (v2t) by VTM (Singularity).
+
+    Returns (t2v, v2t) score matrices (texts, videos): VTM scores on the re-scored entries, placed
+    above the rest, which keep their VTC order."""
+    out = []
+    for matrix in (sim, sim.T):  # rows: the queries
+        top = matrix.topk(min(k, matrix.shape[1]), dim=1).indices  # (Q, k)
+        rows = torch.arange(matrix.shape[0])[:, None].expand_as(top)
+        pairs = torch.stack([rows.flatten(), top.flatten()], dim=1)
+        if matrix is not sim:  # queries are videos: (text, video) = (column, row)
+            pairs = pairs.flip(1)
+        scores = vtm_scores(model, feats, pairs, device).view_as(top)
+        reranked = matrix - 1e4  # below every re-scored entry, in VTC order
+        reranked[rows, top] = scores
+        out.append(reranked)
+    return out[0], out[1].T
+
+
+def retrieval_metrics(t2v, v2t, text_video):
+    """R@1/5/10 and mean, in percent, from score matrices (texts, videos).
+
+    text_video[i] is the video of caption i. Text-to-video: a caption's rank is the number of
+    other videos scoring at least its video's score (a tie counts against it). Video-to-text: a
+    video's rank is that of its best caption, counting the other videos' captions that score at
+    least as high."""
+    texts = torch.arange(len(text_video))
+    gt = t2v[texts, text_video]
+    t2v_rank = (t2v >= gt[:, None]).sum(1) - 1
+    own = text_video[None, :] == torch.arange(v2t.shape[1])[:, None]  # (videos, texts)
+    scores = v2t.T  # (videos, texts)
+    best = scores.masked_fill(~own, float("-inf")).max(1).values
+    v2t_rank = ((scores >= best[:, None]) & ~own).sum(1)
+    metrics = {}
+    for name, rank in (("t2v", t2v_rank), ("v2t", v2t_rank)):
+        recalls = [100.0 * (rank < r).float().mean().item() for r in (1, 5, 10)]
+        metrics.update({f"{name}_R@1": recalls[0], f"{name}_R@5": recalls[1], f"{name}_R@10": recalls[2],
+                        f"{name}_mean": sum(recalls) / 3})
+    return metrics
+
+
+def evaluate(model, dataset, tokenizer, device, *, k, batch_size, workers, seed, shuffle_frames=False):
+    """VTC-only and VTM re-ranked retrieval metrics."""
+    feats = extract(model, dataset, tokenizer, device, batch_size=batch_size, workers=workers, seed=seed,
+                    shuffle_frames=shuffle_frames)
+    sim = feats["text_feat"] @ feats["video_feat"].T  # (texts, videos), VTC (Eq. 29)
+    t2v, v2t = rerank(model, feats, sim, k, device)
+    return {"vtc": retrieval_metrics(sim, sim, feats["text_video"]),
+            "vtm": retrieval_metrics(t2v, v2t, feats["text_video"])}
+
+
+def print_metrics(title, results):
+    names = ["t2v_R@1", "t2v_R@5", "t2v_R@10", "t2v_mean", "v2t_R@1", "v2t_R@5", "v2t_R@10", "v2t_mean"]
+    print(title)
+    print(f"{'':12}" + "".join(f"{n:>10}" for n in names))
+    for ranking, metrics in results.items():
+        print(f"{ranking:12}" + "".join(f"{metrics[n]:>10.1f}" for n in names))
+
+
+# --------------------------------------------------------------------------------------------
+# Sweep and pictures
+# --------------------------------------------------------------------------------------------
+
+def draw_sweep(values, results, name, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for metric in ("t2v_R@1", "t2v_R@5", "t2v_mean"):
+        ax.plot(values, [r["vtm"][metric] for r in results], marker="o", label=metric)
+    ax.set_xlabel({"keep-rate-v": "visual keep rate q_v", "keep-rate-m": "cross-modal keep rate q_m"}[name])
+    ax.set_ylabel("recall (%)")
+    ax.invert_xaxis()
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+@torch.no_grad()
+def visualize(model, dataset, tokenizer, device, folder, *, count, seed):
+    """Figs. 6 and 8: per clip, the sampled frames with the patches dropped by visual pruning
+    dimmed (top row), and with only the patches kept by cross-modal pruning lit (bottom row)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    config = model.config
+    mean, std = torch.tensor(data.IMAGENET_MEAN).view(3, 1, 1), torch.tensor(data.IMAGENET_STD).view(3, 1, 1)
+    generator = torch.Generator(device).manual_seed(seed)
+    written = []
+    for i in range(min(count, len(dataset))):
+        item = dataset[i]
+        video = item["video"][None].to(device)
+        tokens, index, _ = model.encode_video(video, generator)
+        text = data.tokenize_captions(tokenizer, [item["caption"]], config.text_len)
+        states, _ = model.encode_text(text["input_ids"].to(device), text["attention_mask"].to(device))
+        _, kept = model.fuse(states, text["attention_mask"].to(device), tokens, return_kept=True)
+        visual = index[0, 1:].cpu() - 1  # regional token numbers kept by visual pruning
+        multimodal = index[0].gather(0, kept[0]).cpu()
+        multimodal = multimodal[multimodal > 0] - 1
+        frames = (item["video"] * std + mean).clamp(0, 1)  # (T, 3, S, S)
+        T, S, P = config.frames, config.grid, config.patch_size
+        fig, axes = plt.subplots(2, T, figsize=(1.6 * T, 3.6), squeeze=False)
+        for row, keep in enumerate((visual, multimodal)):
+            lit = torch.zeros(T * S * S)
+            lit[keep] = 1
+            lit = lit.view(T, 1, S, S).repeat_interleave(P, 2).repeat_interleave(P, 3)
+            shown = frames * (0.25 + 0.75 * lit)
+            for t in range(T):
+                axes[row, t].imshow(shown[t].permute(1, 2, 0).numpy())
+                axes[row, t].axis("off")
+            axes[row, 0].set_title(["visual pruning (kept lit)", "cross-modal pruning (kept lit)"][row],
+                                   fontsize=7, loc="left")
+        fig.suptitle(item["caption"], fontsize=8)
+        fig.tight_layout()
+        path = folder / f"clip{i:03d}.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        written.append(str(path))
+    return written
+
+
+# --------------------------------------------------------------------------------------------
+# Cost table (Table 2)
+# --------------------------------------------------------------------------------------------
+
+def sparsity_modes(config, frames):
+    """Dense, edge, node and hybrid configs at `frames`, the sparse ones with the stage's values."""
+    stage = curriculum.stage_for(frames, config.preset)
+    base = replace(config, frames=frames)
+    return {
+        "dense": replace(base, block_size=None, keep_rate_v=1.0, keep_rate_m=1.0),
+        "edge": replace(base, block_size=stage.block_size, local_blocks=stage.local_blocks,
+                        random_blocks=stage.random_blocks, keep_rate_v=1.0, keep_rate_m=1.0),
+        "node": replace(base, block_size=None, keep_rate_v=stage.keep_rate_v, keep_rate_m=stage.keep_rate_m),
+        "hybrid": replace(base, block_size=stage.block_size, local_blocks=stage.local_blocks,
+                          random_blocks=stage.random_blocks, keep_rate_v=stage.keep_rate_v,
+                          keep_rate_m=stage.keep_rate_m),
+    }
+
+
+def dummy_batch(config, batch_size, device):
+    L = config.text_len
+    return {"video": torch.randn(batch_size, config.frames, 3, config.image_size, config.image_size, device=device),
+            "input_ids": torch.randint(1000, 2000, (batch_size, L), device=device),
+            "attention_mask": torch.ones(batch_size, L, dtype=torch.long, device=device),
+            "mlm_input_ids": torch.randint(1000, 2000, (batch_size, L), device=device),
+            "mlm_labels": torch.randint(1000, 2000, (batch_size, L), device=device),
+            "video_id": torch.arange(batch_size, device=device)}
+
+
+def inference_flops(model, config, device):
+    """Forward FLOPs of one clip: video encoder, text encoder and one multimodal pass."""
+    from torch.utils.flop_counter import FlopCounterMode
+    batch = dummy_batch(config, 1, device)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        tokens, _, _ = model.encode_video(batch["video"])
+        states, _ = model.encode_text(batch["input_ids"], batch["attention_mask"])
+        model.fuse(states, batch["attention_mask"], tokens)
+    return counter.get_total_flops()
+
+
+def activation_bytes(model, config, device, plain_attention):
+    """Bytes autograd saves for backward in a training forward, per clip (parameters excluded).
+
+    plain_attention: attention by the math kernel, which keeps the softmax of Q K^T for backward
+    (N x N when dense: what the paper's dense baseline did). Otherwise every
+    scaled_dot_product_attention call is counted as a fused kernel (FlashAttention) keeps it: q, k,
+    v, the output, one log-sum-exp per query, and the mask when it needs a gradient. The meta
+    device always runs the math kernel, so the fused figure is counted this way, not measured.
+    """
+    params = {p.untyped_storage()._cdata for p in model.parameters()}
+    seen, total = set(), 0
+
+    def count(t):
+        nonlocal total
+        key = t.untyped_storage()._cdata
+        if key not in params and key not in seen:
+            seen.add(key)
+            total += t.untyped_storage().nbytes()
+
+    def pack(t):
+        count(t)
+        return t
+
+    sdpa = F.scaled_dot_product_attention
+
+    def fused(q, k, v, attn_mask=None, **kwargs):
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):  # the math kernel's, uncounted
+            out = sdpa(q, k, v, attn_mask=attn_mask, **kwargs)
+        for t in (q, k, v, out, q.new_empty(q.shape[:-1])):  # the log-sum-exp: one float per query
+            count(t)
+        if attn_mask is not None and attn_mask.requires_grad:
+            count(attn_mask)
+        return out
+
+    batch_size = 2  # VTM needs a partner in the batch
+    try:
+        if not plain_attention:
+            F.scaled_dot_product_attention = fused
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model(dummy_batch(config, batch_size, device))
+    finally:
+        F.scaled_dot_product_attention = sdpa
+    return total / batch_size
+
+
+def step_time(model, config, device, repeats=3, batch_size=4):
+    """Median seconds per clip of a forward (inference) and of a training step, on `device`."""
+    model.to(device)
+    batch = dummy_batch(config, batch_size, device)
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def timed(fn):
+        times = []
+        for i in range(repeats + 1):
+            sync()
+            start = time.perf_counter()
+            fn()
+            sync()
+            if i:
+                times.append(time.perf_counter() - start)
+        return float(np.median(times)) / batch_size
+
+    def forward():
+        with torch.no_grad():
+            tokens, _, _ = model.encode_video(batch["video"])
+            states, _ = model.encode_text(batch["input_ids"], batch["attention_mask"])
+            model.fuse(states, batch["attention_mask"], tokens)
+
+    def train_step():
+        model.zero_grad(set_to_none=True)
+        model(batch)["loss"].backward()
+    return timed(forward), timed(train_step)
+
+
+def cost_table(preset_name, timing_preset, device, frames_list=(4, 8, 16)):
+    """Rows of Table 2 for a preset: GFLOPs and activation memory on the meta device, plus the
+    measured times of `timing_preset` on `device`. Returns the rows (dicts)."""
+    rows = []
+    for frames in frames_list:
+        modes = sparsity_modes(preset(preset_name), frames)
+        for mode, config in modes.items():
+            with torch.device("meta"):
+                model = SViTT(config, pretrained=False)
+            row = {"preset": preset_name, "frames": frames, "sparsity": mode,
+                   "edges": curriculum.count_config_edges(config).total,
+                   "gflops": inference_flops(model, config, "meta") / 1e9,
+                   "memory_plain": activation_bytes(model, config, "meta", plain_attention=True),
+                   "memory_fused": activation_bytes(model, config, "meta", plain_attention=False)}
+            if timing_preset != "none":
+                timing_config = sparsity_modes(preset(timing_preset), frames)[mode]
+                torch.manual_seed(0)
+                timing_model = SViTT(timing_config, pretrained=False)
+                row["timing_preset"] = timing_preset
+                row["forward_s"], row["train_step_s"] = step_time(timing_model, timing_config, device)
+            rows.append(row)
+    return rows
+
+
+def print_cost_table(rows):
+    print("Cost per clip (Table 2). GFLOPs: forward of f_v, f_t and one f_m pass (torch.utils.flop_counter); "
+          "memory: bytes saved for backward in a training step, dense attention by the plain kernel "
+          "(keeps the N x N softmax, as the paper's baseline) or the fused one (SDPA flash/efficient); "
+          "both on the meta device. x: ratio to dense; paper: Table 2's ratio.")
+    head = (f"{'T':>3} {'sparsity':>8} {'edges':>8} | {'GFLOPs':>7} {'x':>5} {'paper':>5} | {'mem plain':>9} {'x':>5} "
+            f"{'paper':>5} | {'mem fused':>9} {'x':>5}")
+    timed = "forward_s" in rows[0]
+    if timed:
+        head += f" | {rows[0]['timing_preset'] + ' fwd':>10} {'x':>5} {'step':>8} {'x':>5}"
+    print(head)
+    for row in rows:
+        dense = next(r for r in rows if r["frames"] == row["frames"] and r["sparsity"] == "dense")
+        paper = PAPER_TABLE2.get((row["frames"], row["sparsity"]))
+        paper_dense = PAPER_TABLE2.get((row["frames"], "dense"))
+        pf = f"{paper[0] / paper_dense[0]:.2f}" if paper and row["preset"] == "base" else "-"
+        pm = f"{paper[1] / paper_dense[1]:.2f}" if paper and row["preset"] == "base" else "-"
+        line = (f"{row['frames']:>3} {row['sparsity']:>8} {row['edges'] / 1e6:>7.2f}M | {row['gflops']:>7.1f} "
+                f"{row['gflops'] / dense['gflops']:>5.2f} {pf:>5} | {row['memory_plain'] / 2**30:>7.2f}GB "
+                f"{row['memory_plain'] / dense['memory_plain']:>5.2f} {pm:>5} | {row['memory_fused'] / 2**30:>7.2f}GB "
+                f"{row['memory_fused'] / dense['memory_fused']:>5.2f}")
+        if timed:
+            line += (f" | {row['forward_s'] * 1e3:>8.1f}ms {row['forward_s'] / dense['forward_s']:>5.2f} "
+                     f"{row['train_step_s'] * 1e3:>6.0f}ms {row['train_step_s'] / dense['train_step_s']:>5.2f}")
+        print(line)
+
+
+# --------------------------------------------------------------------------------------------
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.cost:
+        rows = cost_table(args.preset, args.timing_preset, device)
+        print_cost_table(rows)
+        if args.output:
+            Path(args.output).write_text(json.dumps(rows, indent=2))
+        return rows
+
+    checkpoint = Path(args.checkpoint) if args.checkpoint else latest_checkpoint(args.checkpoints_dir)
+    overrides = dict(keep_rate_v=args.keep_rate_v, keep_rate_m=args.keep_rate_m, blocks=args.blocks, dense=args.dense)
+    model, config, run = load_model(checkpoint, device, **overrides)
+    annotation, video_root = test_split(args, run)
+    dataset = data.VideoTextDataset(annotation, video_root, frames=config.frames, image_size=config.image_size,
+                                    train=False)
+    tokenizer = data.default_tokenizer(text_model_path(config.text_model))
+    common = dict(k=args.k, batch_size=args.batch_size, workers=args.workers, seed=args.seed)
+    edges = curriculum.count_config_edges(config)
+    result = {"checkpoint": str(checkpoint), "split": str(annotation), "videos": len(dataset.videos),
+              "captions": len(dataset.captions), "k": args.k,
+              "sparsity": {"frames": config.frames, "block_size": config.block_size,
+                           "local_blocks": config.local_blocks, "random_blocks": config.random_blocks,
+                           "keep_rate_v": config.keep_rate_v, "keep_rate_m": config.keep_rate_m,
+                           "edges": edges.total, "dense_edges": edges.dense, "S": edges.sparsity}}
+    print(f"{checkpoint}: T={config.frames}, (K_l, K_r, G)=({config.local_blocks}, {config.random_blocks}, "
+          f"{config.block_size}), (q_v, q_m)=({config.keep_rate_v}, {config.keep_rate_m}), {edges.total / 1e6:.3f}M "
+          f"edges, S={edges.sparsity:.2f}; {annotation}: {len(dataset.videos)} videos, {len(dataset.captions)} captions")
+
+    if args.sweep:
+        values, results = args.sweep_values, []
+        key = "keep_rate_v" if args.sweep == "keep-rate-v" else "keep_rate_m"
+        for value in values:
+            swept, _, _ = load_model(checkpoint, device, **{**overrides, key: value})
+            results.append(evaluate(swept, dataset, tokenizer, device, **common))
+            print_metrics(f"{args.sweep} = {value}", results[-1])
+        png = Path(args.output or checkpoint.with_name("retrieval.json")).with_name(f"sweep_{args.sweep}.png")
+        draw_sweep(values, results, args.sweep, png)
+        result["sweep"] = {"name": args.sweep, "values": values, "results": results, "png": str(png)}
+        print(f"wrote {png}")
+    else:
+        result.update(evaluate(model, dataset, tokenizer, device, **common))
+        print_metrics(f"zero-shot retrieval, {len(dataset.captions)} captions x {len(dataset.videos)} videos "
+                      f"(VTC; VTM re-ranking of the top {args.k})", {"vtc": result["vtc"], "vtm": result["vtm"]})
+        if args.shuffle_frames:
+            shuffled = evaluate(model, dataset, tokenizer, device, shuffle_frames=True, **common)
+            result["shuffled"] = shuffled
+            result["shuffle_difference"] = {r: {m: result[r][m] - shuffled[r][m] for m in shuffled[r]}
+                                            for r in shuffled}
+            print_metrics("frames shuffled (Table 14)", shuffled)
+            print_metrics("normal - shuffled", result["shuffle_difference"])
+    if args.visualize:
+        result["pictures"] = visualize(model, dataset, tokenizer, device, args.visualize,
+                                       count=args.num_pictures, seed=args.seed)
+        print(f"wrote {len(result['pictures'])} pictures to {args.visualize}")
+    if args.output:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output).write_text(json.dumps(result, indent=2))
+        print(f"wrote {args.output}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,99 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import curriculum
+import data
+import train
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def clips(tmp_path_factory):
+    """A few synthetic clips (8 train, 4 test), made once for this file."""
+    return data.ensure_synthetic(tmp_path_factory.mktemp("synthetic"), num_train=8, num_test=4, workers=1)
+
+
+def run(clips, out, *extra):
+    return train.main(["--data", clips["train"], "--video-root", clips["video_root"], "--test-data", clips["test"],
+                       "--output-dir", str(out), "--batch-size", "4", "--workers", "0", "--no-eval", *extra])
+
+
+def test_expansion_from_4_to_8_frames(clips, tmp_path):
+    run(clips, tmp_path, "--frames", "4", "--max-steps", "2")
+    four = torch.load(tmp_path / "frames4" / "last.pt", weights_only=True)
+    assert four["config"]["frames"] == 4 and four["step"] == 2
+    # lr 0: the 8-frame checkpoint holds the expanded weights as they were
+    run(clips, tmp_path, "--resume", "--frames", "8", "--max-steps", "1", "--lr", "0")
+    eight = torch.load(tmp_path / "frames8" / "last.pt", weights_only=True)
+    config = eight["config"]
+    assert config["frames"] == 8 and config["keep_rate_v"] == 0.6 and config["keep_rate_m"] == 0.1
+    assert eight["step"] == 1  # a fresh schedule
+    source = curriculum.temporal_source(4, 8)  # Eq. 23
+    old, new = four["model"], eight["model"]
+    pos_old = old["video_encoder.pos_embed"][0, 1:].reshape(4, -1, old["video_encoder.pos_embed"].shape[-1])
+    pos_new = new["video_encoder.pos_embed"][0, 1:].reshape(8, -1, pos_old.shape[-1])
+    for t in range(8):
+        torch.testing.assert_close(pos_new[t], pos_old[source[t]])
+    torch.testing.assert_close(new["video_encoder.pos_embed"][0, 0], old["video_encoder.pos_embed"][0, 0])
+    tables = [k for k in old if k.endswith("relative_position_bias_table")]
+    assert tables
+    for key in tables:
+        torch.testing.assert_close(new[key], curriculum.resize_relative_bias(old[key], 4, 8))
+    others = [k for k in old if not k.endswith(("pos_embed", "relative_position_bias_table"))]
+    assert set(others) == {k for k in new if not k.endswith(("pos_embed", "relative_position_bias_table"))}
+    for key in others:
+        assert torch.equal(new[key], old[key]), f"{key} changed in the expansion"
+
+
+def test_resume_continues_exactly(clips, tmp_path):
+    whole = run(clips, tmp_path / "whole", "--frames", "4", "--max-steps", "4", "--epochs", "2")
+    first = run(clips, tmp_path / "split", "--frames", "4", "--max-steps", "2", "--epochs", "2")
+    second = run(clips, tmp_path / "split", "--resume", "--max-steps", "4")
+    assert len(whole["losses"]) == 4 and len(first["losses"]) == 2 and len(second["losses"]) == 2
+    torch.testing.assert_close(torch.tensor(first["losses"] + second["losses"]), torch.tensor(whole["losses"]),
+                               rtol=1e-5, atol=1e-5)
+    a = torch.load(tmp_path / "whole" / "frames4" / "last.pt", weights_only=True)
+    b = torch.load(tmp_path / "split" / "frames4" / "last.pt", weights_only=True)
+    assert a["step"] == b["step"] == 4
+    for key in a["model"]:
+        torch.testing.assert_close(b["model"][key], a["model"][key], rtol=1e-5, atol=1e-5)
+
+
+def test_checkpoint_of_another_shape_names_the_keys(clips, tmp_path):
+    run(clips, tmp_path, "--frames", "4", "--max-steps", "1")
+    path = tmp_path / "frames4" / "last.pt"
+    ckpt = torch.load(path, weights_only=True)
+    ckpt["config"]["vision_width"] = 96  # a config that does not fit the weights
+    torch.save(ckpt, path)
+    with pytest.raises(SystemExit, match=r"other shapes .*video_encoder\.cls_token"):
+        run(clips, tmp_path, "--resume")
+    with pytest.raises(SystemExit, match="holds a 'tiny' model"):
+        run(clips, tmp_path, "--resume", "--preset", "base")
+    path.write_bytes(b"not a checkpoint")
+    with pytest.raises(SystemExit, match="not a readable SViTT checkpoint"):
+        run(clips, tmp_path, "--resume")
+
+
+def test_checkpoint_written_atomically(tmp_path):
+    train.save_checkpoint(tmp_path / "a" / "last.pt", {"step": 1})
+    assert torch.load(tmp_path / "a" / "last.pt", weights_only=True) == {"step": 1}
+    assert not list((tmp_path / "a").glob("*.tmp"))
+
+
+def test_torchrun_two_processes(clips, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29531",
+         str(ROOT / "train.py"), "--data", clips["train"], "--video-root", clips["video_root"],
+         "--output-dir", str(tmp_path), "--batch-size", "4", "--workers", "0", "--max-steps", "2", "--no-eval",
+         "--device", "cpu"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ckpt = torch.load(tmp_path / "frames4" / "last.pt", weights_only=True)
+    assert ckpt["step"] == 2 and ckpt["run"]["batch_size"] == 4
+    assert "2 process(es)" in result.stderr + result.stdout
