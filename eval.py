@@ -180,19 +180,16 @@ def rerank(model, feats, sim, k, device):
     """Re-score the top k of each row (t2v) and of each column (v2t) by VTM (Singularity).
 
     Returns (t2v, v2t) score matrices (texts, videos): VTM scores on the re-scored entries, placed
-    above the rest, which keep their VTC order."""
-    out = []
-    for matrix in (sim, sim.T):  # rows: the queries
-        top = matrix.topk(min(k, matrix.shape[1]), dim=1).indices  # (Q, k)
-        rows = torch.arange(matrix.shape[0])[:, None].expand_as(top)
-        pairs = torch.stack([rows.flatten(), top.flatten()], dim=1)
-        if matrix is not sim:  # queries are videos: (text, video) = (column, row)
-            pairs = pairs.flip(1)
-        scores = vtm_scores(model, feats, pairs, device).view_as(top)
-        reranked = matrix - 1e4  # below every re-scored entry, in VTC order
-        reranked[rows, top] = scores
-        out.append(reranked)
-    return out[0], out[1].T
+    above the rest, which keep their VTC order. A pair in both top-k sets is scored once."""
+    k = min(k, sim.shape[0], sim.shape[1])
+    chosen = torch.zeros_like(sim, dtype=torch.bool)  # (texts, videos)
+    t2v_top = chosen.clone().scatter_(1, sim.topk(k, dim=1).indices, True)
+    v2t_top = chosen.clone().scatter_(0, sim.topk(k, dim=0).indices, True)
+    pairs = (t2v_top | v2t_top).nonzero()  # (P, 2): (text, video)
+    scores = torch.full_like(sim, float("nan"))
+    scores[pairs[:, 0], pairs[:, 1]] = vtm_scores(model, feats, pairs, device)
+    below = sim - 1e4  # below every re-scored entry, in VTC order
+    return torch.where(t2v_top, scores, below), torch.where(v2t_top, scores, below)
 
 
 def retrieval_metrics(t2v, v2t, text_video):

@@ -67,8 +67,9 @@ class SViTTConfig:
     text_layers: int = 3               # BERT layers of f_t
     multimodal_layers: int = 3         # L_m, BERT layers of f_m (get cross-attention)
     text_len: int = 32                 # N_t, tokens per caption
-    text_pooling: str = "cls"          # VTC text feature: the class token ("cls"), or the mean of the
-                                       # tokens ("mean") for encoders trained that way (MiniLM)
+    text_pooling: str = "cls"          # what stands for a caption in VTC, VTM and Eq. 12: its class
+                                       # token ("cls"), or the mean of its tokens ("mean") for text
+                                       # encoders trained that way (MiniLM)
     text_config: dict = field(default_factory=dict)  # the BERT config, filled in when built
     # heads and losses
     embed_dim: int = 256               # joint space of VTC
@@ -106,7 +107,10 @@ def preset(name, **overrides):
     elif name == "tiny":
         # all-MiniLM-L6-v2 was trained with mean pooling: its class token barely depends on the
         # caption (cosine 0.9999 between captions), so VTC would start from a constant text feature
-        config = SViTTConfig(preset="tiny", text_pooling="mean")
+        # trained from scratch in minutes: LayerScale's 0.1 start slows that start, so it is off
+        # VTM negatives drawn uniformly (Eq. 30): once VTC knows colours and shapes, similarity picks
+        # the same scene played backwards, which a few minutes of training cannot yet tell apart
+        config = SViTTConfig(preset="tiny", text_pooling="mean", layer_scale=0.0, hard_negatives=False)
     else:
         raise ValueError(f"unknown preset {name!r}: choose 'base' or 'tiny'")
     return replace(config, **overrides)
@@ -365,12 +369,14 @@ class SViTT(nn.Module):
         mask = extended_mask(attention_mask, x.dtype)
         for layer in self.text_layers:
             x, _ = layer(x, mask)
+        return x, F.normalize(self.text_proj(self.pool(x, attention_mask)), dim=-1)
+
+    def pool(self, x, attention_mask):
+        """The sequence's summary: its class token, or the mean of its tokens (text_pooling)."""
         if self.config.text_pooling == "mean":
             weights = attention_mask[:, :, None].to(x.dtype)
-            pooled = (x * weights).sum(1) / weights.sum(1)
-        else:
-            pooled = x[:, 0]
-        return x, F.normalize(self.text_proj(pooled), dim=-1)
+            return (x * weights).sum(1) / weights.sum(1)
+        return x[:, 0]
 
     def fuse(self, text, attention_mask, video, record=None, return_kept=False):
         """f_m: text states (B, L, C) attend to video tokens (B, 1 + n, d); Eq. 12-13 after the
@@ -386,12 +392,15 @@ class SViTT(nn.Module):
                 record["multimodal"].append(video.shape[1] * text.shape[1])  # Eq. 18
             x, probs = layer(x, mask, video=video, return_probs=prune)
             if prune:
+                if self.config.text_pooling == "mean":  # the caption's mean query stands in for its class token
+                    weights = attention_mask[:, None, :, None].to(probs.dtype)
+                    probs = (probs * weights).sum(2, keepdim=True) / weights.sum(2, keepdim=True)
                 video, kept = keep_tokens(video, text_to_video_scores(probs), self.config.keep_rate_m)
         return (x, kept) if return_kept else x
 
     def match_logits(self, text, attention_mask, video):
         """VTM logits (B, 2) for (text, video) pairs."""
-        return self.vtm_head(self.fuse(text, attention_mask, video)[:, 0])
+        return self.vtm_head(self.pool(self.fuse(text, attention_mask, video), attention_mask))
 
     # ---- training forward ----------------------------------------------------------------
     def forward(self, batch, generator=None):
@@ -431,7 +440,7 @@ class SViTT(nn.Module):
         fused = self.fuse(torch.cat([text, text[negative]]), torch.cat([mask, mask[negative]]),
                           torch.cat([video_tokens, video_tokens]), record)
         vtm_labels = torch.cat([torch.ones(B), torch.zeros(B)]).long().to(fused.device)
-        loss_vtm = F.cross_entropy(self.vtm_head(fused[:, 0]), vtm_labels)
+        loss_vtm = F.cross_entropy(self.vtm_head(self.pool(fused, torch.cat([mask, mask[negative]]))), vtm_labels)
 
         # MLM (Eq. 31): masked captions through f_t and f_m with the clip, BERT's MLM head. The
         # head's vocabulary-sized output is computed at the masked positions J only.

@@ -7,8 +7,13 @@ bytes saved for backward, counted with saved-tensor hooks).
 
     python benchmarks/attention.py                      # CPU, float32, T = 4 8 16 32
     python benchmarks/attention.py --device cuda --dtype bfloat16
+
+On Linux the benchmark keeps freed memory in the process (glibc mallopt), as train.py does: glibc
+otherwise unmaps every block over 32 MB on free, and page-faulting the gathered key/value blocks back
+in costs as much as the attention itself on a small CPU. --system-malloc measures without it.
 """
 import argparse
+import ctypes
 import math
 import statistics
 import sys
@@ -89,7 +94,15 @@ def main():
     parser.add_argument("--heads", type=int, default=12)
     parser.add_argument("--dim", type=int, default=64)
     parser.add_argument("--blocks", type=int, nargs=3, default=[1, 3, 56], metavar=("K_l", "K_r", "G"))
+    parser.add_argument("--system-malloc", action="store_true", help="leave glibc's allocator settings alone")
     args = parser.parse_args()
+    if not args.system_malloc:
+        try:  # M_MMAP_MAX = 0, M_TRIM_THRESHOLD = 1 GB: keep freed blocks for reuse
+            libc = ctypes.CDLL("libc.so.6")
+            libc.mallopt(-4, 0)
+            libc.mallopt(-1, 1 << 30)
+        except (OSError, AttributeError):
+            pass
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     local_blocks, random_blocks, block_size = args.blocks
     mem_name = "peak MB" if device.type == "cuda" else "saved MB"
