@@ -56,7 +56,7 @@ STAGES = {
 # that a laptop holds; the learning rate still falls from stage to stage as in Table 9.
 TINY_STAGES = {
     4: Stage(4, 1, 3, 14, 0.7, 0.1, epochs=4, warmup_epochs=0.2, batch_size=32, lr=5e-4, weight_decay=0.02),
-    8: Stage(8, 1, 3, 14, 0.6, 0.1, epochs=2, warmup_epochs=0.1, batch_size=32, lr=2e-4, weight_decay=0.02),
+    8: Stage(8, 1, 3, 14, 0.6, 0.1, epochs=3, warmup_epochs=0.1, batch_size=32, lr=2e-4, weight_decay=0.02),
     16: Stage(16, 1, 3, 14, 0.5, 0.1, epochs=2, warmup_epochs=0.1, batch_size=16, lr=1e-4, weight_decay=0.02),
 }
 

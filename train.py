@@ -383,9 +383,11 @@ def train(args):
             tensors = {k: v.to(device, non_blocking=True) for k, v in batch.items() if torch.is_tensor(v)}
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
                 out = ddp(tensors)
-            if not torch.isfinite(out["loss"]):
-                raise SystemExit(f"step {step}: loss is {out['loss'].item()} (vtc {out['loss_vtc'].item():.3g}, "
-                                 f"vtm {out['loss_vtm'].item():.3g}, mlm {out['loss_mlm'].item():.3g}); "
+            names = ("loss", "loss_vtc", "loss_vtm", "loss_mlm")
+            values = dict(zip(names, torch.stack([out[n].detach().float() for n in names]).tolist()))  # one sync
+            if not math.isfinite(values["loss"]):
+                raise SystemExit(f"step {step}: loss is {values['loss']} (vtc {values['loss_vtc']:.3g}, "
+                                 f"vtm {values['loss_vtm']:.3g}, mlm {values['loss_mlm']:.3g}); "
                                  f"batch videos: {', '.join(batch['paths'])}")
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(out["loss"]).backward()
@@ -398,11 +400,11 @@ def train(args):
             now = time.perf_counter()
             clips_per_s = batch_size / (now - tick)
             tick = now
-            losses.append(out["loss"].item())
+            losses.append(values["loss"])
             if main_process:
                 bar.set_postfix(loss=f"{losses[-1]:.3f}", clips_s=f"{clips_per_s:.1f}")
-                for name in ("loss", "loss_vtc", "loss_vtm", "loss_mlm"):
-                    writer.add_scalar(f"train/{name}", out[name].item(), step)
+                for name, value in values.items():
+                    writer.add_scalar(f"train/{name}", value, step)
                 writer.add_scalar("train/lr", scheduler.get_last_lr()[0], step)
                 writer.add_scalar("train/clips_per_s", clips_per_s, step)
                 writer.add_scalar("train/skipped_clips", skipped_total, step)

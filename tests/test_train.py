@@ -97,3 +97,9 @@ def test_torchrun_two_processes(clips, tmp_path):
     ckpt = torch.load(tmp_path / "frames4" / "last.pt", weights_only=True)
     assert ckpt["step"] == 2 and ckpt["run"]["batch_size"] == 4
     assert "2 process(es)" in result.stderr + result.stdout
+
+
+def test_non_finite_loss_stops_with_the_batch_videos(clips, tmp_path):
+    # a learning rate of 1e30 sends the weights to infinity after the first step
+    with pytest.raises(SystemExit, match=r"loss is nan.*batch videos: .*\.mp4"):
+        run(clips, tmp_path, "--frames", "4", "--max-steps", "4", "--lr", "1e30")
