@@ -147,7 +147,8 @@ class RelativePositionBias(nn.Module):
         self.cls_bias = nn.Parameter(torch.zeros(3, heads))  # cls->token, token->cls, cls->cls
 
     def bias(self, index):
-        """index (B, L): original token number (0 = class token) of each current token."""
+        """index (B or 1, L): original token number (0 = class token) of each current token;
+        (1, L) while no token has been pruned, so one bias serves the whole batch."""
         T, S = self.frames, self.grid
         # one flat table: the (t, h, w) offsets, then the three class-token entries
         table = torch.cat([self.relative_position_bias_table.flatten(0, 2), self.cls_bias])  # (P + 3, heads)
@@ -163,7 +164,8 @@ class RelativePositionBias(nn.Module):
             q_cls, k_cls = q < 0, k < 0
             flat = torch.where(q_cls, P, torch.where(k_cls, P + 1, flat))
             flat = torch.where(q_cls & k_cls, P + 2, flat)
-            return F.embedding(flat, table).movedim(-1, 1)  # (B, heads, ...)
+            # index_select, not F.embedding: its backward adds rows without sorting the indices
+            return table.index_select(0, flat.flatten()).view(*flat.shape, -1).movedim(-1, 1)  # (B, heads, ...)
         return lookup
 
 
@@ -218,7 +220,7 @@ class VideoEncoder(nn.Module):
         x = torch.cat([self.cls_token.expand(B, -1, -1), x], dim=1)  # (B, 1 + N, d)
         if self.pos_embed is not None:
             x = x + self.pos_embed
-        index = torch.arange(x.shape[1], device=x.device).expand(B, -1)  # (B, 1 + N)
+        index = torch.arange(x.shape[1], device=x.device)[None]  # (1, 1 + N): the same for every clip until pruned
         for layer, block in enumerate(self.blocks, start=1):
             tokens = x.shape[1]
             x, cls_attn, edges = block(x, index, generator)  # Eq. 2-9
@@ -227,8 +229,8 @@ class VideoEncoder(nn.Module):
                 record["visual"].append(edges)
             if layer in self.config.prune_after:  # Eq. 10-11, at the end of the layer
                 x, kept = keep_tokens(x, class_attention_scores(cls_attn), self.config.keep_rate_v)
-                index = index.gather(1, kept)
-        return self.norm(x), index
+                index = index.expand(B, -1).gather(1, kept)  # (B, kept)
+        return self.norm(x), index.expand(B, -1)
 
 
 # --------------------------------------------------------------------------------------------
