@@ -408,8 +408,9 @@ class SViTT(nn.Module):
     def forward(self, batch, generator=None):
         """batch: video (B, T, 3, S, S), input_ids, attention_mask, mlm_input_ids, mlm_labels,
         video_id. `generator` draws the random attention blocks (evaluation seeds it so that a score
-        can be reproduced); VTM negatives come from torch's global generator. Returns a dict with loss, loss_vtc, loss_vtm, loss_mlm and `record`, the tokens
-        entering and edges computed (per clip and head) of every visual and multimodal layer."""
+        can be reproduced); VTM negatives come from torch's global generator. Returns a dict with
+        loss, loss_vtc, loss_vtm, loss_mlm and `record`, the tokens entering and edges computed (per
+        clip and head) of every visual and multimodal layer."""
         record = {"visual_tokens": [], "visual": [], "multimodal_tokens": [], "multimodal": []}
         video_tokens, _, video_feat = self.encode_video(batch["video"], generator, record)
         text, text_feat = self.encode_text(batch["input_ids"], batch["attention_mask"])
