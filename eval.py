@@ -18,7 +18,6 @@ seeded generator so a score can be reproduced.
 """
 import argparse
 import json
-import math
 import time
 from dataclasses import replace
 from pathlib import Path

@@ -100,7 +100,6 @@ def sparse_attention(q, k, v, block_size, layout, bias=None, *, fused=True):
     num_blocks = math.ceil(N / G)
     assert layout.shape[0] == num_blocks, f"layout has {layout.shape[0]} rows, ceil(N / G) = {num_blocks}"
     layout = layout.to(q.device)
-    K = layout.shape[1]
     scale = D ** -0.5
 
     # --- Eq. 9, the class token's row: it attends to all 1 + N tokens. O(N) and computed apart,
@@ -120,16 +119,16 @@ def sparse_attention(q, k, v, block_size, layout, bias=None, *, fused=True):
         rearrange(1 + layout[:, :, None] * G + torch.arange(G, device=q.device), "n k g -> n (k g)"),
     ], dim=1)  # (N_b, 1 + K G)
     X = key_pos.shape[1]
+    key_tokens = key_pos.clamp(max=N)  # padding reads token N; its logits are masked below
     # one gather per tensor: (B, H, N_b (1 + K G), D), viewed as (B, H, N_b, 1 + K G, D)
-    gather = key_pos.clamp(max=N).flatten()
-    k_rows = k.index_select(2, gather).view(B, H, num_blocks, X, D)
-    v_rows = v.index_select(2, gather).view(B, H, num_blocks, X, D)
+    k_rows = k.index_select(2, key_tokens.flatten()).view(B, H, num_blocks, X, D)
+    v_rows = v.index_select(2, key_tokens.flatten()).view(B, H, num_blocks, X, D)
     q_blocks = _blocks(q[:, :, 1:], G)  # (B, H, N_b, G, D)
 
     logit_bias = None
     if bias is not None:
         query_pos = 1 + torch.arange(num_blocks * G, device=q.device).view(num_blocks, G)  # (N_b, G)
-        logit_bias = bias(query_pos[:, :, None].clamp(max=N), key_pos[:, None, :].clamp(max=N))
+        logit_bias = bias(query_pos[:, :, None].clamp(max=N), key_tokens[:, None, :])
         logit_bias = logit_bias.to(q.dtype)  # (B or 1, H, N_b, G, 1 + K G)
     if num_blocks * G != N:  # padding is never attended (footnote 2)
         pad_bias = torch.zeros(key_pos.shape, dtype=q.dtype, device=q.device)
