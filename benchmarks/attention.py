@@ -49,35 +49,40 @@ def saved_bytes(fn):
     return total, out
 
 
-def measure(fn, device, repeats, backward):
-    """Median seconds of `fn` (and its backward when asked) over `repeats` runs after a warm-up."""
-    times = []
+def measure(fns, device, repeats, grad=None):
+    """Median seconds of each of `fns` (and of its backward with output gradient `grad`, when
+    given) over `repeats` runs after a warm-up. The functions take turns, so a change in the
+    machine's load between them shows in both."""
+    times = [[] for _ in fns]
     for i in range(repeats + 1):
-        sync(device)
-        start = time.perf_counter()
-        out = fn()
-        if backward:
-            out.float().sum().backward()
-        sync(device)
-        if i:  # the first run warms up
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for fn, fn_times in zip(fns, times):
+            sync(device)
+            start = time.perf_counter()
+            out = fn()
+            if grad is not None:
+                out.backward(grad)
+            sync(device)
+            if i:  # the first run warms up
+                fn_times.append(time.perf_counter() - start)
+    return [statistics.median(t) for t in times]
 
 
-def run(frames, *, heads, dim, block_size, local_blocks, random_blocks, device, dtype, repeats):
+def run(frames, *, heads, dim, block_size, local_blocks, random_blocks, device, dtype, repeats, impl):
     N = 196 * frames + 1
     q, k, v = (torch.randn(1, heads, N, dim, device=device, dtype=dtype, requires_grad=True)
                for _ in range(3))
+    grad = torch.randn_like(q)  # a dense output gradient, as a loss above the attention gives
     layout = block_layout(math.ceil((N - 1) / block_size), local_blocks, random_blocks, device=device)
     dense = lambda: F.scaled_dot_product_attention(q, k, v)  # noqa: E731
-    sparse = lambda: sparse_attention(q, k, v, block_size, layout)[0]  # noqa: E731
+    sparse = lambda: sparse_attention(q, k, v, block_size, layout, impl=impl)[0]  # noqa: E731
     row = {"T": frames, "N": N, "limit": N / ((local_blocks + random_blocks) * block_size + 1)}
+    with torch.no_grad():
+        row["dense_fwd"], row["sparse_fwd"] = measure([dense, sparse], device, repeats)
+    row["dense_fb"], row["sparse_fb"] = measure([dense, sparse], device, repeats, grad)
     for name, fn in (("dense", dense), ("sparse", sparse)):
-        row[f"{name}_fwd"] = measure(lambda: fn().detach(), device, repeats, backward=False)
-        row[f"{name}_fb"] = measure(fn, device, repeats, backward=True)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
-            fn().float().sum().backward()
+            fn().backward(grad)
             row[f"{name}_mem"] = torch.cuda.max_memory_allocated()
         else:
             row[f"{name}_mem"] = saved_bytes(fn)[0]
@@ -90,10 +95,12 @@ def main():
     parser.add_argument("--frames", type=int, nargs="+", default=[4, 8, 16, 32])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--heads", type=int, default=12)
     parser.add_argument("--dim", type=int, default=64)
     parser.add_argument("--blocks", type=int, nargs=3, default=[1, 3, 56], metavar=("K_l", "K_r", "G"))
+    parser.add_argument("--impl", default="auto", choices=["auto", "bmm", "sdpa", "einsum"],
+                        help="sparse_attention's implementation (auto: sdpa on CUDA, bmm elsewhere)")
     parser.add_argument("--system-malloc", action="store_true", help="leave glibc's allocator settings alone")
     args = parser.parse_args()
     if not args.system_malloc:
@@ -107,16 +114,16 @@ def main():
     local_blocks, random_blocks, block_size = args.blocks
     mem_name = "peak MB" if device.type == "cuda" else "saved MB"
     print(f"device {device}, {args.dtype}, B=1 H={args.heads} D={args.dim}, "
-          f"(K_l, K_r, G) = {tuple(args.blocks)}, median of {args.repeats} runs")
+          f"(K_l, K_r, G) = {tuple(args.blocks)}, sparse impl {args.impl}, median of {args.repeats} runs")
     print(f"{'T':>3} {'N':>5} | {'fwd dense':>9} {'sparse':>8} {'x':>6} | {'f+b dense':>9} {'sparse':>8} "
-          f"{'x':>6} | {'limit':>5} | {mem_name + ' dense':>16} {'sparse':>7}")
+          f"{'x':>6} | {'limit':>5} | {mem_name + ' dense':>16} {'sparse':>7} {'KB/token':>8}")
     for frames in args.frames:
         r = run(frames, heads=args.heads, dim=args.dim, block_size=block_size, local_blocks=local_blocks,
-                random_blocks=random_blocks, device=device, dtype=dtype, repeats=args.repeats)
+                random_blocks=random_blocks, device=device, dtype=dtype, repeats=args.repeats, impl=args.impl)
         print(f"{r['T']:>3} {r['N']:>5} | {r['dense_fwd'] * 1e3:>7.1f}ms {r['sparse_fwd'] * 1e3:>6.1f}ms "
               f"{r['dense_fwd'] / r['sparse_fwd']:>5.1f}x | {r['dense_fb'] * 1e3:>7.1f}ms "
               f"{r['sparse_fb'] * 1e3:>6.1f}ms {r['dense_fb'] / r['sparse_fb']:>5.1f}x | {r['limit']:>5.1f} | "
-              f"{r['dense_mem'] / 2**20:>16.1f} {r['sparse_mem'] / 2**20:>7.1f}")
+              f"{r['dense_mem'] / 2**20:>16.1f} {r['sparse_mem'] / 2**20:>7.1f} {r['sparse_mem'] / r['N'] / 2**10:>8.1f}")
 
 
 if __name__ == "__main__":

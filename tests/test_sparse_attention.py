@@ -34,16 +34,16 @@ def dense_reference(q, k, v, mask, bias=None):
     (33, 8, 3, 1),   # K_l = 3, padded
     (10, 4, 1, 3),   # fewer blocks (3) than K_l + K_r
 ])
-@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("impl", ["einsum", "sdpa", "bmm"])
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_sparse_equals_masked_dense(num_tokens, block_size, local_blocks, random_blocks, fused, with_bias):
+def test_sparse_equals_masked_dense(num_tokens, block_size, local_blocks, random_blocks, impl, with_bias):
     g = torch.Generator().manual_seed(1)
     layout = block_layout(math.ceil(num_tokens / block_size), local_blocks, random_blocks, g)
     mask = attention_mask(num_tokens, block_size, layout)
     bias = relative_bias(3) if with_bias else None
     q, k, v = (torch.randn(2, 3, 1 + num_tokens, 8, dtype=torch.float64, generator=g, requires_grad=True)
                for _ in range(3))
-    out, cls_attn = sparse_attention(q, k, v, block_size, layout, bias, fused=fused)
+    out, cls_attn = sparse_attention(q, k, v, block_size, layout, bias, impl=impl)
     ref, ref_cls = dense_reference(q, k, v, mask, bias)
     assert out.shape == q.shape and cls_attn.shape == (2, 3, num_tokens)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
@@ -53,6 +53,46 @@ def test_sparse_equals_masked_dense(num_tokens, block_size, local_blocks, random
     ref_grads = torch.autograd.grad((ref * w).sum(), (q, k, v))
     for a, b in zip(grads, ref_grads):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("impl", ["einsum", "sdpa", "bmm"])
+@pytest.mark.parametrize("num_tokens,per_item_bias", [(32, False), (30, True)])
+def test_gradients_of_bias_and_class_attention(impl, num_tokens, per_item_bias):
+    """The bias table and the class row's weights (Eq. 10) get the dense reference's gradients."""
+    g = torch.Generator().manual_seed(2)
+    B, H, G = 2, 3, 4
+    layout = block_layout(math.ceil(num_tokens / G), 1, 2, g)
+    mask = attention_mask(num_tokens, G, layout)
+    table = torch.randn(B if per_item_bias else 1, H, 2 * 64 + 1, generator=g, dtype=torch.float64,
+                        requires_grad=True)
+
+    def bias(query_pos, key_pos):  # (B or 1, H, ...)
+        return table[:, :, (key_pos - query_pos).clamp(-64, 64) + 64]
+    q, k, v = (torch.randn(B, H, 1 + num_tokens, 8, dtype=torch.float64, generator=g, requires_grad=True)
+               for _ in range(3))
+    w, w_cls = torch.randn(B, H, 1 + num_tokens, 8, generator=g, dtype=torch.float64), torch.randn(
+        B, H, num_tokens, generator=g, dtype=torch.float64)
+    out, cls_attn = sparse_attention(q, k, v, G, layout, bias, impl=impl)
+    ref, ref_cls = dense_reference(q, k, v, mask, bias)
+    grads = torch.autograd.grad((out * w).sum() + (cls_attn * w_cls).sum(), (q, k, v, table))
+    ref_grads = torch.autograd.grad((ref * w).sum() + (ref_cls * w_cls).sum(), (q, k, v, table))
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b, atol=1e-8, rtol=1e-6)
+
+
+def test_impls_agree_on_strided_inputs():
+    """q, k, v as SparseSelfAttention makes them (views into one qkv tensor) give equal results."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 1 + 60, 24, requires_grad=True)
+    results = []
+    for impl in ("einsum", "bmm"):
+        torch.manual_seed(1)
+        attn = SparseSelfAttention(dim=24, num_heads=3, block_size=8, local_blocks=1, random_blocks=2, impl=impl)
+        out, cls_attn, _ = attn(x, generator=torch.Generator().manual_seed(3))
+        grad_x, grad_w = torch.autograd.grad(out.square().sum() + cls_attn.sum(), (x, attn.qkv.weight))
+        results.append((out, cls_attn, grad_x, grad_w))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
 
 def test_layout_rows():
@@ -86,8 +126,9 @@ def test_mask_edges_follow_eq17(num_tokens, block_size, local_blocks, random_blo
         local_blocks + random_blocks) * block_size
 
 
-def test_no_square_tensor_is_built(monkeypatch):
-    """Every intermediate stays O(N (K_l + K_r) G): nothing has N x N elements."""
+@pytest.mark.parametrize("impl", ["einsum", "bmm"])
+def test_no_square_tensor_is_built(impl):
+    """Every tensor kept for backward stays O(N (K_l + K_r) G): nothing has N x N elements."""
     N, G = 2048, 16
     layout = block_layout(N // G, 1, 3)
     q, k, v = (torch.randn(1, 1, 1 + N, 4, requires_grad=True) for _ in range(3))
@@ -98,7 +139,7 @@ def test_no_square_tensor_is_built(monkeypatch):
         largest = max(largest, t.numel())
         return t
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out, _ = sparse_attention(q, k, v, G, layout, relative_bias(1), fused=False)
+        out, _ = sparse_attention(q, k, v, G, layout, relative_bias(1), impl=impl)
     assert largest < N * N / 4
     assert largest <= (N + G) * (1 + 4 * G) * 4
 
