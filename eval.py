@@ -347,13 +347,14 @@ def activation_bytes(model, config, device, plain_attention):
     device always runs the math kernel, so the fused figure is counted this way, not measured.
     """
     params = {p.untyped_storage()._cdata for p in model.parameters()}
-    seen, total = set(), 0
+    seen, kept, total = set(), [], 0
 
     def count(t):
         nonlocal total
         key = t.untyped_storage()._cdata
         if key not in params and key not in seen:
             seen.add(key)
+            kept.append(t)  # keeps the storage alive, so its address is not reused by another
             total += t.untyped_storage().nbytes()
 
     def pack(t):

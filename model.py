@@ -169,6 +169,41 @@ class RelativePositionBias(nn.Module):
         return lookup
 
 
+class _GeluLinear(torch.autograd.Function):
+    """y = GELU(h) W^T + b that keeps only h for backward and recomputes GELU(h) there.
+
+    Autograd would keep both h (for GELU's backward) and GELU(h) (for the product's): two
+    (N, 4 d) tensors, the largest activations of a block once attention is sparse. Recomputing
+    the elementwise GELU costs a few percent of the MLP's time.
+    """
+
+    @staticmethod
+    def forward(ctx, h, weight, bias):
+        ctx.save_for_backward(h, weight)
+        return F.linear(F.gelu(h), weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        h, weight = ctx.saved_tensors
+        hidden = F.gelu(h)
+        grad_h = torch.ops.aten.gelu_backward(grad @ weight.to(grad.dtype), h)
+        grad_weight = (grad.flatten(0, -2).T @ hidden.flatten(0, -2).to(grad.dtype)).to(weight.dtype)
+        return grad_h, grad_weight, grad.flatten(0, -2).sum(0).to(weight.dtype)
+
+
+class Mlp(nn.Sequential):
+    """The block's feed-forward network, Linear -> GELU -> Linear (parameters named 0 and 2, as an
+    nn.Sequential), with GELU recomputed in backward (`_GeluLinear`)."""
+
+    def __init__(self, dim, hidden):
+        super().__init__(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+
+    def forward(self, x):
+        if not torch.is_grad_enabled():
+            return super().forward(x)
+        return _GeluLinear.apply(self[0](x), self[2].weight, self[2].bias)
+
+
 class VisionBlock(nn.Module):
     """A pre-norm transformer block (Eq. 3) with sparse attention and BEiT's LayerScale."""
 
@@ -180,7 +215,7 @@ class VisionBlock(nn.Module):
                                         local_blocks=config.local_blocks, random_blocks=config.random_blocks)
         self.norm2 = nn.LayerNorm(d, eps=1e-12)
         hidden = int(d * config.mlp_ratio)
-        self.mlp = nn.Sequential(nn.Linear(d, hidden), nn.GELU(), nn.Linear(hidden, d))
+        self.mlp = Mlp(d, hidden)
         scale = config.layer_scale if config.layer_scale > 0 else 1.0
         self.lambda_1 = nn.Parameter(torch.full((d,), scale), requires_grad=config.layer_scale > 0)
         self.lambda_2 = nn.Parameter(torch.full((d,), scale), requires_grad=config.layer_scale > 0)

@@ -219,9 +219,9 @@ class _BlockSparseAttention(torch.autograd.Function):
       no autograd accumulation afterwards.
 
     Saved for backward: the scaled query blocks, k, v, the probabilities P of the block edges
-    (B H N_b, G, K G), the class column's probabilities, the block outputs and the class row's
-    probabilities: O(N (K G + D)) per head. The gathered keys and values are gathered again in
-    backward rather than kept: they are K times the size of k.
+    (B H N_b, G, K G), the class column's and the class row's probabilities, and the output, laid
+    out as the output projection keeps it: O(N (K G + D)) per head. The gathered keys and values
+    are gathered again in backward rather than kept: they are K times the size of k.
     """
 
     @staticmethod
@@ -262,15 +262,20 @@ class _BlockSparseAttention(torch.autograd.Function):
         block_out = torch.bmm(probs, v_rows)  # (B H N_b, G, D)
         block_out.view(BH, -1, D).baddbmm_(col_probs.view(BH, -1, 1), v_cls)  # + the class token's value
 
-        out = torch.cat([cls_out.view(B, H, 1, D), block_out.view(B, H, -1, D)[:, :, :N]], dim=2)
-        ctx.save_for_backward(q_cls, q_blocks, k, v, layout, row_probs, probs, col_probs, block_out)
+        # the output is laid out (B, 1 + N, H, D), the layout the output projection reads, so the
+        # tensor saved here is the one that projection keeps
+        out = torch.empty(B, L, H, D, dtype=q.dtype, device=q.device)
+        out[:, 0] = cls_out.view(B, H, D)
+        out[:, 1:] = block_out.view(B, H, -1, D)[:, :, :N].transpose(1, 2)
+        out = out.transpose(1, 2)  # (B, H, 1 + N, D)
+        ctx.save_for_backward(q_cls, q_blocks, k, v, layout, row_probs, probs, col_probs, out)
         ctx.block_size = G
         ctx.bias_shapes = [None if b is None else b.shape for b in (row_bias, column_bias, block_bias)]
         return out, row_probs.view(B, H, L)[:, :, 1:].clone()
 
     @staticmethod
     def backward(ctx, grad_out, grad_cls_attn):
-        q_cls, q_blocks, k, v, layout, row_probs, probs, col_probs, block_out = ctx.saved_tensors
+        q_cls, q_blocks, k, v, layout, row_probs, probs, col_probs, out = ctx.saved_tensors
         B, H, L, D = k.shape
         N, G = L - 1, ctx.block_size
         BH, num_blocks = B * H, layout.shape[0]
@@ -283,7 +288,8 @@ class _BlockSparseAttention(torch.autograd.Function):
         d_probs = torch.bmm(d_block, v_rows.transpose(1, 2))  # (B H N_b, G, K G)
         d_col_probs = torch.bmm(d_block.view(BH, -1, D), v_cls.transpose(1, 2)).view(col_probs.shape)
         # softmax backward: dS = P (dP - rowsum(P dP)), and rowsum(P dP) = rowsum(dO O)
-        delta = (d_block * block_out).sum(dim=-1, keepdim=True)
+        delta = (grad_out[:, :, 1:] * out[:, :, 1:]).sum(dim=-1, keepdim=True)  # (B, H, N, 1)
+        delta = _blocks(delta, G).reshape(BH * num_blocks, G, 1)
         d_logits = d_probs.sub_(delta).mul_(probs)
         d_col_logits = d_col_probs.sub_(delta).mul_(col_probs)  # (B H N_b, G, 1)
         d_q_blocks = torch.bmm(d_logits, k_rows)  # (B H N_b, G, D), still to be scaled

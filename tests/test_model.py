@@ -4,7 +4,7 @@ import torch
 from transformers import AutoTokenizer, BeitConfig, BeitModel
 
 from curriculum import count_edges
-from model import SViTT, RelativePositionBias, load_beit, preset, text_model_path
+from model import Mlp, SViTT, RelativePositionBias, load_beit, preset, text_model_path
 
 SPARSITY = {  # (block_size, keep_rate_v, keep_rate_m)
     "dense": dict(block_size=None, keep_rate_v=1.0, keep_rate_m=1.0),
@@ -166,3 +166,25 @@ def test_presets_shapes():
         model = SViTT(base, pretrained=False)
     params = sum(p.numel() for p in model.parameters())
     assert 190e6 < params < 215e6  # BEiT-B (86M) + BERT-base (110M) + cross-attention and heads
+
+
+def test_mlp_recomputing_gelu_matches_autograd():
+    """Mlp keeps only the hidden pre-activation for backward; outputs and gradients are unchanged."""
+    torch.manual_seed(0)
+    mlp = Mlp(6, 12).double()
+    reference = torch.nn.Sequential(*mlp)  # the same modules, plain autograd
+    x = torch.randn(2, 5, 6, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(2, 5, 6, dtype=torch.float64)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        out = mlp(x)
+    grads = torch.autograd.grad((out * w).sum(), (x, *mlp.parameters()))
+    ref = reference(x)
+    ref_grads = torch.autograd.grad((ref * w).sum(), (x, *mlp.parameters()))
+    torch.testing.assert_close(out, ref)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b)
+    hidden = 2 * 5 * 12
+    assert sorted(saved, reverse=True)[:2] == [hidden, 12 * 6]  # one (B, N, 4d) tensor, then a weight
+    with torch.no_grad():
+        torch.testing.assert_close(mlp(x), ref)
