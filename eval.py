@@ -317,12 +317,15 @@ def sparsity_modes(config, frames):
 
 
 def dummy_batch(config, batch_size, device):
+    """A batch of random clips and full-length captions; every 7th token (~15%) is an MLM target."""
     L = config.text_len
+    labels = torch.full((batch_size, L), -100, dtype=torch.long, device=device)
+    labels[:, 1::7] = torch.randint(1000, 2000, (batch_size, len(range(1, L, 7))), device=device)
     return {"video": torch.randn(batch_size, config.frames, 3, config.image_size, config.image_size, device=device),
             "input_ids": torch.randint(1000, 2000, (batch_size, L), device=device),
             "attention_mask": torch.ones(batch_size, L, dtype=torch.long, device=device),
             "mlm_input_ids": torch.randint(1000, 2000, (batch_size, L), device=device),
-            "mlm_labels": torch.randint(1000, 2000, (batch_size, L), device=device),
+            "mlm_labels": labels,
             "video_id": torch.arange(batch_size, device=device)}
 
 
@@ -383,87 +386,135 @@ def activation_bytes(model, config, device, plain_attention):
     return total / batch_size
 
 
-def step_time(model, config, device, repeats=3, batch_size=4):
-    """Median seconds per clip of a forward (inference) and of a training step, on `device`."""
-    model.to(device)
-    batch = dummy_batch(config, batch_size, device)
+def predicted_gflops(model, config):
+    """Forward GFLOPs of one clip predicted from the tokens and edges of each layer (Eq. 17-18).
 
+    A layer of n tokens and e edges costs 2 n (4 d^2 + 2 d d_ff) in its linear maps and 4 e d in
+    attention (Q K^T and P V); the text and multimodal layers are counted the same way, with the
+    cross-attention's keys and values on the video tokens.
+    """
+    count = curriculum.count_config_edges(config)
+    d, d_ff = config.vision_width, config.vision_width * config.mlp_ratio
+    w, w_ff = model.config.text_config["hidden_size"], model.config.text_config["intermediate_size"]
+    n_t = config.text_len
+    flops = 2 * (count.visual_tokens[0] - 1) * 3 * config.patch_size ** 2 * d  # patch embedding
+    for n, e in zip(count.visual_tokens, count.visual):
+        flops += 2 * n * (4 * d * d + 2 * d * d_ff) + 4 * e * d
+    text_layer = 2 * n_t * (4 * w * w + 2 * w * w_ff) + 4 * n_t * n_t * w
+    flops += config.text_layers * text_layer
+    for n, e in zip(count.multimodal_tokens, count.multimodal):
+        flops += text_layer + 2 * n_t * 2 * w * w + 2 * n * 2 * d * w + 4 * e * w
+    return flops / 1e9
+
+
+def step_times(models, device, repeats=5, batch_size=4):
+    """Median seconds per clip of a forward (inference) and of a training step for each of
+    `models` ({name: (model, config)}) on `device`. The models take turns, so a change in the
+    machine's load between them shows in all."""
     def sync():
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    def timed(fn):
-        times = []
-        for i in range(repeats + 1):
-            sync()
-            start = time.perf_counter()
-            fn()
-            sync()
-            if i:
-                times.append(time.perf_counter() - start)
-        return float(np.median(times)) / batch_size
+    runs = {}
+    for name, (model, config) in models.items():
+        model.to(device)
+        batch = dummy_batch(config, batch_size, device)
 
-    def forward():
-        with torch.no_grad():
-            tokens, _, _ = model.encode_video(batch["video"])
-            states, _ = model.encode_text(batch["input_ids"], batch["attention_mask"])
-            model.fuse(states, batch["attention_mask"], tokens)
+        def forward(model=model, batch=batch):
+            with torch.no_grad():
+                tokens, _, _ = model.encode_video(batch["video"])
+                states, _ = model.encode_text(batch["input_ids"], batch["attention_mask"])
+                model.fuse(states, batch["attention_mask"], tokens)
 
-    def train_step():
-        model.zero_grad(set_to_none=True)
-        model(batch)["loss"].backward()
-    return timed(forward), timed(train_step)
+        def train_step(model=model, batch=batch):
+            model.zero_grad(set_to_none=True)
+            model(batch)["loss"].backward()
+        runs[name] = (forward, train_step)
+
+    times = {name: ([], []) for name in models}
+    for i in range(repeats + 1):
+        for name, fns in runs.items():
+            for fn, record in zip(fns, times[name]):
+                sync()
+                start = time.perf_counter()
+                fn()
+                sync()
+                if i:  # the first run warms up
+                    record.append((time.perf_counter() - start) / batch_size)
+    return {name: (float(np.median(f)), float(np.median(t))) for name, (f, t) in times.items()}
 
 
-def cost_table(preset_name, timing_preset, device, frames_list=(4, 8, 16)):
-    """Rows of Table 2 for a preset: GFLOPs and activation memory on the meta device, plus the
-    measured times of `timing_preset` on `device`. Returns the rows (dicts)."""
+def cost_table(preset_name, timing_preset, device, frames_list=(4, 8, 16), repeats=5):
+    """Rows of Table 2 for a preset: GFLOPs (counted and predicted) and activation memory on the
+    meta device; and for `timing_preset` on `device` ("none" to skip): GFLOPs, the activation
+    bytes of a real training forward, and the measured forward and training-step times per clip.
+    Returns the rows (dicts)."""
     rows = []
     for frames in frames_list:
-        modes = sparsity_modes(preset(preset_name), frames)
-        for mode, config in modes.items():
+        timing_models = {}
+        for mode, config in sparsity_modes(preset(preset_name), frames).items():
             with torch.device("meta"):
                 model = SViTT(config, pretrained=False)
             row = {"preset": preset_name, "frames": frames, "sparsity": mode,
                    "edges": curriculum.count_config_edges(config).total,
                    "gflops": inference_flops(model, config, "meta") / 1e9,
+                   "gflops_predicted": predicted_gflops(model, config),
                    "memory_plain": activation_bytes(model, config, "meta", plain_attention=True),
                    "memory_fused": activation_bytes(model, config, "meta", plain_attention=False)}
             if timing_preset != "none":
                 timing_config = sparsity_modes(preset(timing_preset), frames)[mode]
                 torch.manual_seed(0)
-                timing_model = SViTT(timing_config, pretrained=False)
-                row["timing_preset"] = timing_preset
-                row["forward_s"], row["train_step_s"] = step_time(timing_model, timing_config, device)
+                timing_model = SViTT(timing_config, pretrained=False).to(device)
+                timing_models[mode] = (timing_model, timing_config)
+                with torch.device("meta"):
+                    meta_model = SViTT(timing_config, pretrained=False)
+                row.update(timing_preset=timing_preset,
+                           timing_gflops=inference_flops(meta_model, timing_config, "meta") / 1e9,
+                           timing_memory=activation_bytes(timing_model, timing_config, device, plain_attention=True))
             rows.append(row)
+        if timing_models:
+            times = step_times(timing_models, device, repeats)
+            for row in rows[-len(timing_models):]:
+                row["forward_s"], row["train_step_s"] = times[row["sparsity"]]
     return rows
 
 
 def print_cost_table(rows):
-    print("Cost per clip (Table 2). GFLOPs: forward of f_v, f_t and one f_m pass (torch.utils.flop_counter); "
-          "memory: bytes saved for backward in a training step, dense attention by the plain kernel "
-          "(keeps the N x N softmax, as the paper's baseline) or the fused one (SDPA flash/efficient); "
-          "both on the meta device. x: ratio to dense; paper: Table 2's ratio.")
-    head = (f"{'T':>3} {'sparsity':>8} {'edges':>8} | {'GFLOPs':>7} {'x':>5} {'paper':>5} | {'mem plain':>9} {'x':>5} "
-            f"{'paper':>5} | {'mem fused':>9} {'x':>5}")
-    timed = "forward_s" in rows[0]
-    if timed:
-        head += f" | {rows[0]['timing_preset'] + ' fwd':>10} {'x':>5} {'step':>8} {'x':>5}"
-    print(head)
-    for row in rows:
+    """Two tables: the preset's counted cost (Table 2) and, when timed, the timing preset's."""
+    def ratio(row, key):
         dense = next(r for r in rows if r["frames"] == row["frames"] and r["sparsity"] == "dense")
+        return row[key] / dense[key]
+
+    print(f"Cost per clip of the {rows[0]['preset']} preset (Table 2), on the meta device. GFLOPs: forward of "
+          "f_v, f_t and one f_m pass, counted by torch.utils.flop_counter; pred: the ratio predicted from "
+          "the tokens and edges of each layer. Memory: bytes saved for backward in a training step, dense "
+          "attention by the plain kernel (keeps the N x N softmax, as the paper's baseline) or a fused one "
+          "(keeps q, k, v, the output, one log-sum-exp per query and the learned N x N bias). x: ratio to "
+          "dense; paper: Table 2's.")
+    print(f"{'T':>3} {'sparsity':>8} {'edges':>8} | {'GFLOPs':>7} {'x':>5} {'pred':>5} {'paper':>5} | "
+          f"{'mem plain':>9} {'x':>5} {'paper':>5} | {'mem fused':>9} {'x':>5}")
+    for row in rows:
         paper = PAPER_TABLE2.get((row["frames"], row["sparsity"]))
         paper_dense = PAPER_TABLE2.get((row["frames"], "dense"))
         pf = f"{paper[0] / paper_dense[0]:.2f}" if paper and row["preset"] == "base" else "-"
         pm = f"{paper[1] / paper_dense[1]:.2f}" if paper and row["preset"] == "base" else "-"
-        line = (f"{row['frames']:>3} {row['sparsity']:>8} {row['edges'] / 1e6:>7.2f}M | {row['gflops']:>7.1f} "
-                f"{row['gflops'] / dense['gflops']:>5.2f} {pf:>5} | {row['memory_plain'] / 2**30:>7.2f}GB "
-                f"{row['memory_plain'] / dense['memory_plain']:>5.2f} {pm:>5} | {row['memory_fused'] / 2**30:>7.2f}GB "
-                f"{row['memory_fused'] / dense['memory_fused']:>5.2f}")
-        if timed:
-            line += (f" | {row['forward_s'] * 1e3:>8.1f}ms {row['forward_s'] / dense['forward_s']:>5.2f} "
-                     f"{row['train_step_s'] * 1e3:>6.0f}ms {row['train_step_s'] / dense['train_step_s']:>5.2f}")
-        print(line)
+        print(f"{row['frames']:>3} {row['sparsity']:>8} {row['edges'] / 1e6:>7.2f}M | {row['gflops']:>7.1f} "
+              f"{ratio(row, 'gflops'):>5.2f} {ratio(row, 'gflops_predicted'):>5.2f} {pf:>5} | "
+              f"{row['memory_plain'] / 2**30:>7.2f}GB {ratio(row, 'memory_plain'):>5.2f} {pm:>5} | "
+              f"{row['memory_fused'] / 2**30:>7.2f}GB {ratio(row, 'memory_fused'):>5.2f}")
+    if "forward_s" not in rows[0]:
+        return
+    print(f"\nMeasured per clip, {rows[0]['timing_preset']} preset, batch 4, median of the runs (the four "
+          "sparsity modes take turns). memory: bytes saved for backward in a real training forward. "
+          "step/flops: the step-time ratio over the GFLOPs ratio.")
+    print(f"{'T':>3} {'sparsity':>8} | {'GFLOPs':>7} {'x':>5} | {'memory':>8} {'x':>5} | {'forward':>8} {'x':>5} | "
+          f"{'step':>8} {'x':>5} | {'step/flops':>10}")
+    for row in rows:
+        print(f"{row['frames']:>3} {row['sparsity']:>8} | {row['timing_gflops']:>7.2f} {ratio(row, 'timing_gflops'):>5.2f} | "
+              f"{row['timing_memory'] / 2**20:>6.0f}MB {ratio(row, 'timing_memory'):>5.2f} | "
+              f"{row['forward_s'] * 1e3:>6.1f}ms {ratio(row, 'forward_s'):>5.2f} | "
+              f"{row['train_step_s'] * 1e3:>6.0f}ms {ratio(row, 'train_step_s'):>5.2f} | "
+              f"{ratio(row, 'train_step_s') / ratio(row, 'timing_gflops'):>10.2f}")
 
 
 # --------------------------------------------------------------------------------------------

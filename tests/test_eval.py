@@ -99,6 +99,18 @@ def test_cost_table_on_meta_device():
     rows = evaluation.cost_table("tiny", "none", torch.device("cpu"), frames_list=(4,))
     by = {r["sparsity"]: r for r in rows}
     assert by["hybrid"]["gflops"] < by["node"]["gflops"] < by["dense"]["gflops"]
+    for row in rows:  # the count from tokens and edges agrees with the operator-level count
+        assert abs(row["gflops_predicted"] / row["gflops"] - 1) < 0.05
     assert by["edge"]["edges"] < by["dense"]["edges"]
     assert by["hybrid"]["memory_plain"] < by["dense"]["memory_plain"]
     assert by["dense"]["memory_fused"] < by["dense"]["memory_plain"]  # the fused kernel keeps no N x N softmax
+
+
+def test_cost_table_times_the_timing_preset(capsys):
+    rows = evaluation.cost_table("tiny", "tiny", torch.device("cpu"), frames_list=(4,), repeats=1)
+    by = {r["sparsity"]: r for r in rows}
+    assert all(r["forward_s"] > 0 and r["train_step_s"] > 0 for r in rows)
+    assert by["hybrid"]["timing_memory"] < by["dense"]["timing_memory"]  # measured on the CPU, not counted
+    evaluation.print_cost_table(rows)
+    out = capsys.readouterr().out
+    assert "step/flops" in out and out.count(" hybrid ") == 2
