@@ -100,7 +100,7 @@ def main():
     parser.add_argument("--dim", type=int, default=64)
     parser.add_argument("--blocks", type=int, nargs=3, default=[1, 3, 56], metavar=("K_l", "K_r", "G"))
     parser.add_argument("--impl", default="auto", choices=["auto", "bmm", "sdpa", "einsum"],
-                        help="sparse_attention's implementation (auto: sdpa on CUDA, bmm elsewhere)")
+                        help="sparse_attention's implementation (auto: bmm for CPU training, sdpa otherwise)")
     parser.add_argument("--system-malloc", action="store_true", help="leave glibc's allocator settings alone")
     args = parser.parse_args()
     if not args.system_malloc:
