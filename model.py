@@ -30,6 +30,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from sparse_attention import SparseSelfAttention
 from token_pruning import class_attention_scores, keep_tokens, text_to_video_scores
@@ -183,6 +184,7 @@ class _GeluLinear(torch.autograd.Function):
         return F.linear(F.gelu(h), weight, bias)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad):
         h, weight = ctx.saved_tensors
         hidden = F.gelu(h)

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 
 def block_layout(num_blocks, local_blocks, random_blocks, generator=None, *, device=None):
@@ -214,8 +215,9 @@ class _BlockSparseAttention(torch.autograd.Function):
     * heads and query blocks share one batch axis, so each product is one ``bmm`` over (B H N_b)
       small matrices: G x D queries against the K G keys of the query block's K blocks;
     * the global edges (Eq. 9), the class token's row and its column, are computed apart: the
-      column joins the blocks' softmax as one more logit per query. K G = 224 keys (rather than
-      225 with the class token) also suits the matrix kernels: the products run ~25% faster;
+      column joins the blocks' softmax as one more logit per query. With the paper's (K, G) =
+      (4, 56) the products then run on 224 keys rather than 225, which the CPU's matrix kernels
+      take ~25% faster;
     * the softmax backward uses delta = rowsum(dO * O), as FlashAttention does, not a pass over P;
     * gradients of the gathered keys and values are added back block by block (index_add over
       whole G x D blocks), into buffers that the class row's outer products start: no zero fill,
@@ -277,6 +279,7 @@ class _BlockSparseAttention(torch.autograd.Function):
         return out, row_probs.view(B, H, L)[:, :, 1:].clone()
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_out, grad_cls_attn):
         q_cls, q_blocks, k, v, layout, row_probs, probs, col_probs, out = ctx.saved_tensors
         B, H, L, D = k.shape
