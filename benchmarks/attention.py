@@ -7,6 +7,7 @@ bytes saved for backward, counted with saved-tensor hooks).
 
     python benchmarks/attention.py                      # CPU, float32, T = 4 8 16 32
     python benchmarks/attention.py --device cuda --dtype bfloat16
+    python benchmarks/attention.py --frames 16 --profile runs/attention   # + operator table and trace
 
 On Linux the benchmark keeps freed memory in the process (glibc mallopt), as train.py does: glibc
 otherwise unmaps every block over 32 MB on free, and page-faulting the gathered key/value blocks back
@@ -101,6 +102,9 @@ def main():
     parser.add_argument("--blocks", type=int, nargs=3, default=[1, 3, 56], metavar=("K_l", "K_r", "G"))
     parser.add_argument("--impl", default="auto", choices=["auto", "bmm", "sdpa", "einsum"],
                         help="sparse_attention's implementation (auto: bmm for CPU training, sdpa otherwise)")
+    parser.add_argument("--profile", metavar="DIR",
+                        help="also profile 3 sparse forward+backward calls at the largest T: print the "
+                             "operators by time and write a trace to DIR for TensorBoard's profiler plugin")
     parser.add_argument("--system-malloc", action="store_true", help="leave glibc's allocator settings alone")
     args = parser.parse_args()
     if not args.system_malloc:
@@ -124,6 +128,32 @@ def main():
               f"{r['dense_fwd'] / r['sparse_fwd']:>5.1f}x | {r['dense_fb'] * 1e3:>7.1f}ms "
               f"{r['sparse_fb'] * 1e3:>6.1f}ms {r['dense_fb'] / r['sparse_fb']:>5.1f}x | {r['limit']:>5.1f} | "
               f"{r['dense_mem'] / 2**20:>16.1f} {r['sparse_mem'] / 2**20:>7.1f} {r['sparse_mem'] / r['N'] / 2**10:>8.1f}")
+    if args.profile:
+        profile(max(args.frames), args.profile, heads=args.heads, dim=args.dim, block_size=block_size,
+                local_blocks=local_blocks, random_blocks=random_blocks, device=device, dtype=dtype, impl=args.impl)
+
+
+def profile(frames, trace_dir, *, heads, dim, block_size, local_blocks, random_blocks, device, dtype, impl):
+    """Where the sparse attention's time goes: torch.profiler over 3 forward+backward calls."""
+    N = 196 * frames + 1
+    q, k, v = (torch.randn(1, heads, N, dim, device=device, dtype=dtype, requires_grad=True)
+               for _ in range(3))
+    grad = torch.randn_like(q)
+    layout = block_layout(math.ceil((N - 1) / block_size), local_blocks, random_blocks, device=device)
+    step = lambda: sparse_attention(q, k, v, block_size, layout, impl=impl)[0].backward(grad)  # noqa: E731
+    step()  # warm-up
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities,
+                                on_trace_ready=torch.profiler.tensorboard_trace_handler(trace_dir)) as prof:
+        for _ in range(3):
+            step()
+            sync(device)
+    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    print(f"\nsparse attention at T={frames}, 3 forward+backward calls:")
+    print(prof.key_averages().table(sort_by=sort, row_limit=15))
+    print(f"trace in {trace_dir} (tensorboard --logdir {trace_dir})")
 
 
 if __name__ == "__main__":
