@@ -175,7 +175,8 @@ class _GeluLinear(torch.autograd.Function):
 
     Autograd would keep both h (for GELU's backward) and GELU(h) (for the product's): two
     (N, 4 d) tensors, the largest activations of a block once attention is sparse. Recomputing
-    the elementwise GELU costs a few percent of the MLP's time.
+    the elementwise GELU left the MLP's forward+backward as fast at d = 768 (3137 tokens) and 6%
+    slower at d = 128, on a 2-core CPU.
     """
 
     @staticmethod
