@@ -175,3 +175,17 @@ def test_sparse_with_all_blocks_equals_dense():
     out, cls_attn = sparse_attention(q, k, v, 4, layout)
     ref = F.scaled_dot_product_attention(q, k, v)
     torch.testing.assert_close(out, ref)
+
+
+def test_auto_trains_with_bmm_and_infers_with_sdpa(monkeypatch):
+    import sparse_attention as module
+    calls = []
+    apply, sdpa = module._BlockSparseAttention.apply, module.F.scaled_dot_product_attention
+    monkeypatch.setattr(module._BlockSparseAttention, "apply", lambda *a: calls.append("bmm") or apply(*a))
+    monkeypatch.setattr(module.F, "scaled_dot_product_attention", lambda *a, **k: calls.append("sdpa") or sdpa(*a, **k))
+    q, k, v = (torch.randn(1, 2, 1 + 16, 8, requires_grad=True) for _ in range(3))
+    layout = block_layout(4, 1, 2)
+    sparse_attention(q, k, v, 4, layout)
+    with torch.no_grad():
+        sparse_attention(q, k, v, 4, layout)
+    assert calls == ["bmm", "sdpa"]
