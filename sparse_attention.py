@@ -243,7 +243,7 @@ class _BlockSparseAttention(torch.autograd.Function):
         row_logits = torch.bmm(q_cls, k.view(BH, L, D).transpose(1, 2))  # (B H, 1, 1 + N)
         if row_bias is not None:
             row_logits = row_logits + row_bias.expand(B, H, L).reshape(BH, 1, L)
-        row_probs = row_logits.softmax(dim=-1)
+        row_probs = row_logits.softmax(dim=-1).to(q.dtype)  # autocast may return float32
         cls_out = torch.bmm(row_probs, v.view(BH, L, D))  # (B H, 1, D)
 
         # Eq. 5-8, the regional rows: one (G, D) x (D, K G) product per (batch, head, query block)
