@@ -248,8 +248,9 @@ class _BlockSparseAttention(torch.autograd.Function):
 
         # Eq. 5-8, the regional rows: one (G, D) x (D, K G) product per (batch, head, query block)
         q_blocks = (_blocks(q[:, :, 1:], G) * scale).reshape(BH * num_blocks, G, D)
-        k_rows, v_rows = _gather_blocks(k, layout, G), _gather_blocks(v, layout, G)  # (B H N_b, K G, D)
+        k_rows = _gather_blocks(k, layout, G)  # (B H N_b, K G, D)
         probs = torch.bmm(q_blocks, k_rows.transpose(1, 2))  # logits for now: (B H N_b, G, K G)
+        del k_rows  # each gathered tensor lives only as long as its product needs it
         # Eq. 9, the class token as a key of every regional query: one more logit per query
         col_logits = torch.bmm(q_blocks.view(BH, -1, D), k_cls.transpose(1, 2))  # (B H, N_b G, 1)
         col_logits = col_logits.view(BH * num_blocks, G, 1)
@@ -264,7 +265,7 @@ class _BlockSparseAttention(torch.autograd.Function):
         total = probs.sum(dim=-1, keepdim=True).add_(col_probs)
         probs.div_(total)
         col_probs.div_(total)
-        block_out = torch.bmm(probs, v_rows)  # (B H N_b, G, D)
+        block_out = torch.bmm(probs, _gather_blocks(v, layout, G))  # (B H N_b, G, D)
         block_out.view(BH, -1, D).baddbmm_(col_probs.view(BH, -1, 1), v_cls)  # + the class token's value
 
         # the output is laid out (B, 1 + N, H, D), the layout the output projection reads, so the
@@ -287,21 +288,6 @@ class _BlockSparseAttention(torch.autograd.Function):
         BH, num_blocks = B * H, layout.shape[0]
         scale = D ** -0.5
         k_cls, v_cls = k[:, :, :1].reshape(BH, 1, D), v[:, :, :1].reshape(BH, 1, D)
-        k_rows, v_rows = _gather_blocks(k, layout, G), _gather_blocks(v, layout, G)
-
-        # --- regional rows. dO: (B H N_b, G, D), zero on padded queries
-        d_block = _blocks(grad_out[:, :, 1:], G).reshape(BH * num_blocks, G, D)
-        d_probs = torch.bmm(d_block, v_rows.transpose(1, 2))  # (B H N_b, G, K G)
-        d_col_probs = torch.bmm(d_block.view(BH, -1, D), v_cls.transpose(1, 2)).view(col_probs.shape)
-        # softmax backward: dS = P (dP - rowsum(P dP)), and rowsum(P dP) = rowsum(dO O)
-        delta = (grad_out[:, :, 1:] * out[:, :, 1:]).sum(dim=-1, keepdim=True)  # (B, H, N, 1)
-        delta = _blocks(delta, G).reshape(BH * num_blocks, G, 1)
-        d_logits = d_probs.sub_(delta).mul_(probs)
-        d_col_logits = d_col_probs.sub_(delta).mul_(col_probs)  # (B H N_b, G, 1)
-        d_q_blocks = torch.bmm(d_logits, k_rows)  # (B H N_b, G, D), still to be scaled
-        d_q_blocks.view(BH, -1, D).baddbmm_(d_col_logits.view(BH, -1, 1), k_cls)
-        d_k_rows = torch.bmm(d_logits.transpose(1, 2), q_blocks)  # (B H N_b, K G, D)
-        d_v_rows = torch.bmm(probs.transpose(1, 2), d_block)
 
         # --- class row (Eq. 9)
         d_cls_out = grad_out[:, :, :1].reshape(BH, 1, D)
@@ -309,15 +295,30 @@ class _BlockSparseAttention(torch.autograd.Function):
         if grad_cls_attn is not None:
             d_row_probs.view(B, H, L)[:, :, 1:] += grad_cls_attn
         d_row_logits = row_probs * (d_row_probs - (row_probs * d_row_probs).sum(-1, keepdim=True))
-
         # gradients of k and v: the class row's outer products start the buffers, padded to whole
         # blocks so that the K G rows of each query block are added back block by block
         rows = 1 + num_blocks * G
         d_k = _padded(d_row_logits.transpose(1, 2) * q_cls, rows)  # (B H, 1 + N_b G, D)
         d_v = _padded(row_probs.transpose(1, 2) * d_cls_out, rows)
         index = layout.flatten()
-        for grad, grad_rows in ((d_k, d_k_rows), (d_v, d_v_rows)):
+
+        def add_blocks(grad, grad_rows):  # grad_rows (B H N_b, K G, D) into grad's blocks
             grad[:, 1:].view(BH, num_blocks, G * D).index_add_(1, index, grad_rows.view(BH, -1, G * D))
+
+        # --- regional rows. dO: (B H N_b, G, D), zero on padded queries. Each gathered or
+        # (B H N_b, K G, D)-sized tensor is freed as soon as it has been used.
+        d_block = _blocks(grad_out[:, :, 1:], G).reshape(BH * num_blocks, G, D)
+        d_probs = torch.bmm(d_block, _gather_blocks(v, layout, G).transpose(1, 2))  # (B H N_b, G, K G)
+        d_col_probs = torch.bmm(d_block.view(BH, -1, D), v_cls.transpose(1, 2)).view(col_probs.shape)
+        add_blocks(d_v, torch.bmm(probs.transpose(1, 2), d_block))  # dV = P^T dO
+        # softmax backward: dS = P (dP - rowsum(P dP)), and rowsum(P dP) = rowsum(dO O)
+        delta = (grad_out[:, :, 1:] * out[:, :, 1:]).sum(dim=-1, keepdim=True)  # (B, H, N, 1)
+        delta = _blocks(delta, G).reshape(BH * num_blocks, G, 1)
+        d_logits = d_probs.sub_(delta).mul_(probs)
+        d_col_logits = d_col_probs.sub_(delta).mul_(col_probs)  # (B H N_b, G, 1)
+        d_q_blocks = torch.bmm(d_logits, _gather_blocks(k, layout, G))  # (B H N_b, G, D), unscaled
+        d_q_blocks.view(BH, -1, D).baddbmm_(d_col_logits.view(BH, -1, 1), k_cls)
+        add_blocks(d_k, torch.bmm(d_logits.transpose(1, 2), q_blocks))  # dK = dS^T Q
         # the class token's column: its key and value meet every regional query
         d_k[:, :1].baddbmm_(d_col_logits.view(BH, 1, -1), q_blocks.view(BH, -1, D))
         d_v[:, :1].baddbmm_(col_probs.view(BH, 1, -1), d_block.view(BH, -1, D))

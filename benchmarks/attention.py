@@ -2,8 +2,9 @@
 
 For T frames of 196 patches (224 px, 16 px patches) N = 196 T + 1 tokens. Prints, per T, the
 median time of forward and of forward+backward for dense SDPA and for `sparse_attention`, the
-speedup, the edge-count limit N / ((K_l + K_r) G + 1), and peak memory (CUDA: allocator peak; CPU:
-bytes saved for backward, counted with saved-tensor hooks).
+speedup, the edge-count limit N / ((K_l + K_r) G + 1), the peak memory of one forward+backward above
+its inputs (CUDA: the allocator's peak; CPU: the rise of the resident set, measured in a child
+process) and the bytes autograd saves for backward (counted with saved-tensor hooks).
 
     python benchmarks/attention.py                      # CPU, float32, T = 4 8 16 32
     python benchmarks/attention.py --device cuda --dtype bfloat16
@@ -81,14 +82,46 @@ def run(frames, *, heads, dim, block_size, local_blocks, random_blocks, device, 
         row["dense_fwd"], row["sparse_fwd"] = measure([dense, sparse], device, repeats)
     row["dense_fb"], row["sparse_fb"] = measure([dense, sparse], device, repeats, grad)
     for name, fn in (("dense", dense), ("sparse", sparse)):
+        row[f"{name}_saved"] = saved_bytes(fn)[0]
+        q.grad = k.grad = v.grad = None
         if device.type == "cuda":
+            torch.cuda.synchronize()
+            before = torch.cuda.memory_allocated()
             torch.cuda.reset_peak_memory_stats()
             fn().backward(grad)
-            row[f"{name}_mem"] = torch.cuda.max_memory_allocated()
-        else:
-            row[f"{name}_mem"] = saved_bytes(fn)[0]
-        q.grad = k.grad = v.grad = None
+            row[f"{name}_peak"] = torch.cuda.max_memory_allocated() - before
+            q.grad = k.grad = v.grad = None
     return row
+
+
+def peak_rss_child(args):
+    """In a fresh process (--peak-child): one forward+backward, then print how far the resident
+    set rose above what it was before the call (Linux: VmHWM reset through /proc/self/clear_refs)."""
+    frames, which = args.peak_child
+    N = 196 * int(frames) + 1
+    q, k, v = (torch.randn(1, args.heads, N, args.dim, requires_grad=True) for _ in range(3))
+    grad = torch.randn_like(q)
+    local_blocks, random_blocks, block_size = args.blocks
+    layout = block_layout(math.ceil((N - 1) / block_size), local_blocks, random_blocks)
+
+    def status(field):
+        line = next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith(field))
+        return int(line.split()[1]) * 1024
+    Path("/proc/self/clear_refs").write_text("5")  # peak resident set := current
+    before = status("VmRSS:")
+    if which == "dense":
+        F.scaled_dot_product_attention(q, k, v).backward(grad)
+    else:
+        sparse_attention(q, k, v, block_size, layout, impl=args.impl)[0].backward(grad)
+    print(status("VmHWM:") - before)
+
+
+def cpu_peak(frames, which, argv):
+    """Peak memory of one CPU forward+backward above its inputs, measured in a child process."""
+    import subprocess
+    result = subprocess.run([sys.executable, __file__, *argv, "--peak-child", str(frames), which],
+                            capture_output=True, text=True, check=True)
+    return int(result.stdout.split()[-1])
 
 
 def main():
@@ -106,6 +139,7 @@ def main():
                         help="also profile 3 sparse forward+backward calls at the largest T: print the "
                              "operators by time and write a trace to DIR for TensorBoard's profiler plugin")
     parser.add_argument("--system-malloc", action="store_true", help="leave glibc's allocator settings alone")
+    parser.add_argument("--peak-child", nargs=2, metavar=("T", "WHICH"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if not args.system_malloc:
         try:  # M_MMAP_MAX = 0, M_TRIM_THRESHOLD = 1 GB: keep freed blocks for reuse
@@ -114,20 +148,32 @@ def main():
             libc.mallopt(-1, 1 << 30)
         except (OSError, AttributeError):
             pass
+    if args.peak_child:
+        return peak_rss_child(args)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     local_blocks, random_blocks, block_size = args.blocks
-    mem_name = "peak MB" if device.type == "cuda" else "saved MB"
+    # peak memory: the CUDA allocator's; on the CPU the rise of the resident set in a child process
+    # (Linux), with the same allocator settings as here
+    cpu_peaks = device.type == "cpu" and Path("/proc/self/clear_refs").exists()
+    child_argv = ["--heads", str(args.heads), "--dim", str(args.dim), "--blocks", *map(str, args.blocks),
+                  "--impl", args.impl] + (["--system-malloc"] if args.system_malloc else [])
     print(f"device {device}, {args.dtype}, B=1 H={args.heads} D={args.dim}, "
           f"(K_l, K_r, G) = {tuple(args.blocks)}, sparse impl {args.impl}, median of {args.repeats} runs")
     print(f"{'T':>3} {'N':>5} | {'fwd dense':>9} {'sparse':>8} {'x':>6} | {'f+b dense':>9} {'sparse':>8} "
-          f"{'x':>6} | {'limit':>5} | {mem_name + ' dense':>16} {'sparse':>7} {'KB/token':>8}")
+          f"{'x':>6} | {'limit':>5} | {'peak MB dense':>13} {'sparse':>7} | {'saved MB dense':>14} {'sparse':>7} "
+          f"{'KB/token':>8}")
     for frames in args.frames:
         r = run(frames, heads=args.heads, dim=args.dim, block_size=block_size, local_blocks=local_blocks,
                 random_blocks=random_blocks, device=device, dtype=dtype, repeats=args.repeats, impl=args.impl)
+        if cpu_peaks:
+            r["dense_peak"], r["sparse_peak"] = (cpu_peak(frames, name, child_argv) for name in ("dense", "sparse"))
+        peaks = (f"{r['dense_peak'] / 2**20:>13.1f} {r['sparse_peak'] / 2**20:>7.1f}" if "dense_peak" in r
+                 else f"{'-':>13} {'-':>7}")
         print(f"{r['T']:>3} {r['N']:>5} | {r['dense_fwd'] * 1e3:>7.1f}ms {r['sparse_fwd'] * 1e3:>6.1f}ms "
               f"{r['dense_fwd'] / r['sparse_fwd']:>5.1f}x | {r['dense_fb'] * 1e3:>7.1f}ms "
               f"{r['sparse_fb'] * 1e3:>6.1f}ms {r['dense_fb'] / r['sparse_fb']:>5.1f}x | {r['limit']:>5.1f} | "
-              f"{r['dense_mem'] / 2**20:>16.1f} {r['sparse_mem'] / 2**20:>7.1f} {r['sparse_mem'] / r['N'] / 2**10:>8.1f}")
+              f"{peaks} | {r['dense_saved'] / 2**20:>14.1f} {r['sparse_saved'] / 2**20:>7.1f} "
+              f"{r['sparse_saved'] / r['N'] / 2**10:>8.1f}")
     if args.profile:
         profile(max(args.frames), args.profile, heads=args.heads, dim=args.dim, block_size=block_size,
                 local_blocks=local_blocks, random_blocks=random_blocks, device=device, dtype=dtype, impl=args.impl)
