@@ -116,12 +116,14 @@ def peak_rss_child(args):
     print(status("VmHWM:") - before)
 
 
-def cpu_peak(frames, which, argv):
-    """Peak memory of one CPU forward+backward above its inputs, measured in a child process."""
+def cpu_peak(frames, which, argv, runs=3):
+    """Peak memory of one CPU forward+backward above its inputs: the median over `runs` child
+    processes."""
     import subprocess
-    result = subprocess.run([sys.executable, __file__, *argv, "--peak-child", str(frames), which],
-                            capture_output=True, text=True, check=True)
-    return int(result.stdout.split()[-1])
+    peaks = [int(subprocess.run([sys.executable, __file__, *argv, "--peak-child", str(frames), which],
+                                capture_output=True, text=True, check=True).stdout.split()[-1])
+             for _ in range(runs)]
+    return statistics.median(peaks)
 
 
 def main():
@@ -153,10 +155,10 @@ def main():
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     local_blocks, random_blocks, block_size = args.blocks
     # peak memory: the CUDA allocator's; on the CPU the rise of the resident set in a child process
-    # (Linux), with the same allocator settings as here
+    # (Linux) that leaves glibc's allocator alone, so that freed blocks leave the resident set
     cpu_peaks = device.type == "cpu" and Path("/proc/self/clear_refs").exists()
     child_argv = ["--heads", str(args.heads), "--dim", str(args.dim), "--blocks", *map(str, args.blocks),
-                  "--impl", args.impl] + (["--system-malloc"] if args.system_malloc else [])
+                  "--impl", args.impl, "--system-malloc"]
     print(f"device {device}, {args.dtype}, B=1 H={args.heads} D={args.dim}, "
           f"(K_l, K_r, G) = {tuple(args.blocks)}, sparse impl {args.impl}, median of {args.repeats} runs")
     print(f"{'T':>3} {'N':>5} | {'fwd dense':>9} {'sparse':>8} {'x':>6} | {'f+b dense':>9} {'sparse':>8} "
