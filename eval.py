@@ -409,15 +409,14 @@ def predicted_gflops(model, config):
 
 def step_times(models, device, repeats=5, batch_size=4):
     """Median seconds per clip of a forward (inference) and of a training step for each of
-    `models` ({name: (model, config)}) on `device`. The models take turns, so a change in the
-    machine's load between them shows in all."""
+    `models` ({name: (model, config)}, the models already on `device`). The models take turns, so
+    a change in the machine's load between them shows in all."""
     def sync():
         if device.type == "cuda":
             torch.cuda.synchronize()
 
     runs = {}
     for name, (model, config) in models.items():
-        model.to(device)
         batch = dummy_batch(config, batch_size, device)
 
         def forward(model=model, batch=batch):
