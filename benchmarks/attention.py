@@ -9,6 +9,10 @@ process) and the bytes autograd saves for backward (counted with saved-tensor ho
     python benchmarks/attention.py                      # CPU, float32, T = 4 8 16 32
     python benchmarks/attention.py --device cuda --dtype bfloat16
     python benchmarks/attention.py --frames 16 --profile runs/attention   # + operator table and trace
+    python benchmarks/attention.py --device cuda --dtype bfloat16 --impl flex  # FlexAttention (CUDA)
+
+`--impl flex` runs the same edges through FlexAttention (`flex_sparse_attention` below), a
+candidate to measure against the gather path on a GPU; its backward has no CPU kernel.
 
 On Linux the benchmark keeps freed memory in the process (glibc mallopt), as train.py does: glibc
 otherwise unmaps every block over 32 MB on free, and page-faulting the gathered key/value blocks back
@@ -27,6 +31,60 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from sparse_attention import block_layout, sparse_attention  # noqa: E402
+
+
+def flex_block_mask(num_regional, block_size, layout, tile=64):
+    """The edge set of `sparse_attention` as a FlexAttention BlockMask over a packed sequence.
+
+    FlexAttention computes whole tiles of the mask's blocks, and its block size must be a multiple
+    of the kernel's tile, so each block of G regional tokens is padded to P = ceil(G / tile) tile
+    rows (G = 56 -> 64) and the class token gets a block of its own after the N_b regional blocks.
+    Query block n (< N_b) attends its K layout blocks and the class block (Eq. 7-9); the class
+    block attends all N_b + 1 blocks (Eq. 9). Padding rows are masked out as keys and dropped as
+    queries. Returns (block_mask, P).
+    """
+    from torch.nn.attention.flex_attention import BlockMask
+
+    N, G, (num_blocks, K) = num_regional, block_size, layout.shape
+    P, device = -(-G // tile) * tile, layout.device
+    kv_indices = torch.zeros(num_blocks + 1, num_blocks + 1, dtype=torch.int32, device=device)
+    kv_indices[:num_blocks, :K] = layout
+    kv_indices[:num_blocks, K] = num_blocks
+    kv_indices[num_blocks] = torch.arange(num_blocks + 1, device=device)
+    kv_num_blocks = torch.full((num_blocks + 1,), K + 1, dtype=torch.int32, device=device)
+    kv_num_blocks[num_blocks] = num_blocks + 1
+
+    def mask_mod(b, h, q_idx, kv_idx):  # keys: real tokens only
+        block, offset = kv_idx // P, kv_idx % P
+        return torch.where(block == num_blocks, offset == 0, (offset < G) & (block * G + offset < N))
+
+    length = (num_blocks + 1) * P
+    mask = BlockMask.from_kv_blocks(kv_num_blocks[None, None], kv_indices[None, None], BLOCK_SIZE=P,
+                                    mask_mod=mask_mod, seq_lengths=(length, length))
+    return mask, P
+
+
+_compiled_flex = None
+
+
+def flex_sparse_attention(q, k, v, block_size, layout, block_mask, padded_block):
+    """`sparse_attention`'s output (Eq. 5-9) through FlexAttention with `flex_block_mask`'s mask."""
+    global _compiled_flex
+    if _compiled_flex is None:
+        from torch.nn.attention.flex_attention import flex_attention
+        _compiled_flex = torch.compile(flex_attention, dynamic=False)
+    B, H, L, D = q.shape
+    N, G, P, num_blocks = L - 1, block_size, padded_block, layout.shape[0]
+
+    def pack(x):  # (B, H, 1 + N, D) -> (B, H, (N_b + 1) P, D)
+        regional = F.pad(x[:, :, 1:], (0, 0, 0, num_blocks * G - N)).view(B, H, num_blocks, G, D)
+        blocks = torch.cat([regional, x[:, :, None, :1].expand(B, H, 1, G, D)], dim=2)
+        return F.pad(blocks, (0, 0, 0, P - G)).view(B, H, (num_blocks + 1) * P, D)
+
+    out = _compiled_flex(pack(q), pack(k), pack(v), block_mask=block_mask, scale=D ** -0.5)
+    out = out.view(B, H, num_blocks + 1, P, D)
+    regional = out[:, :, :num_blocks, :G].reshape(B, H, num_blocks * G, D)[:, :, :N]
+    return torch.cat([out[:, :, num_blocks, :1], regional], dim=2)
 
 
 def sync(device):
@@ -77,12 +135,19 @@ def run(frames, *, heads, dim, block_size, local_blocks, random_blocks, device, 
     layout = block_layout(math.ceil((N - 1) / block_size), local_blocks, random_blocks, device=device)
     dense = lambda: F.scaled_dot_product_attention(q, k, v)  # noqa: E731
     sparse = lambda: sparse_attention(q, k, v, block_size, layout, impl=impl)[0]  # noqa: E731
+    if impl == "flex":
+        mask, padded = flex_block_mask(N - 1, block_size, layout)
+        sparse = lambda: flex_sparse_attention(q, k, v, block_size, layout, mask, padded)  # noqa: E731
     row = {"T": frames, "N": N, "limit": N / ((local_blocks + random_blocks) * block_size + 1)}
     with torch.no_grad():
         row["dense_fwd"], row["sparse_fwd"] = measure([dense, sparse], device, repeats)
     row["dense_fb"], row["sparse_fb"] = measure([dense, sparse], device, repeats, grad)
     for name, fn in (("dense", dense), ("sparse", sparse)):
-        row[f"{name}_saved"] = saved_bytes(fn)[0]
+        try:
+            row[f"{name}_saved"] = saved_bytes(fn)[0]
+        except RuntimeError as error:  # a compiled kernel may not take saved-tensor hooks
+            print(f"T={frames} {name}: saved bytes not counted: {error}".splitlines()[0])
+            row[f"{name}_saved"] = float("nan")
         q.grad = k.grad = v.grad = None
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -135,8 +200,9 @@ def main():
     parser.add_argument("--heads", type=int, default=12)
     parser.add_argument("--dim", type=int, default=64)
     parser.add_argument("--blocks", type=int, nargs=3, default=[1, 3, 56], metavar=("K_l", "K_r", "G"))
-    parser.add_argument("--impl", default="auto", choices=["auto", "bmm", "sdpa", "einsum"],
-                        help="sparse_attention's implementation (auto: bmm for CPU training, sdpa otherwise)")
+    parser.add_argument("--impl", default="auto", choices=["auto", "bmm", "sdpa", "einsum", "flex"],
+                        help="sparse_attention's implementation (auto: bmm for CPU training, sdpa otherwise), "
+                             "or flex: FlexAttention (CUDA only)")
     parser.add_argument("--profile", metavar="DIR",
                         help="also profile 3 sparse forward+backward calls at the largest T: print the "
                              "operators by time and write a trace to DIR for TensorBoard's profiler plugin")
@@ -153,6 +219,8 @@ def main():
     if args.peak_child:
         return peak_rss_child(args)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    if args.impl == "flex" and device.type != "cuda":
+        parser.error("--impl flex needs --device cuda: FlexAttention has no backward on the CPU")
     local_blocks, random_blocks, block_size = args.blocks
     # peak memory: the CUDA allocator's; on the CPU the rise of the resident set in a child process
     # (Linux) that leaves glibc's allocator alone, so that freed blocks leave the resident set

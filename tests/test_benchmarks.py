@@ -21,3 +21,28 @@ def test_attention_benchmark_prints_rows_and_writes_a_trace(tmp_path):
         assert abs(limit - N / (4 * 14 + 1)) < 0.05
     assert "_BlockSparseAttention" in result.stdout  # the profile's operator table
     assert list(trace.glob("*.pt.trace.json"))
+
+
+def test_flex_candidate_computes_the_sparse_edges():
+    """FlexAttention's packed sequence and block mask give sparse_attention's output (forward: the
+    CPU has no FlexAttention backward). N = 47, G = 14: blocks padded 14 -> 16 and a short last block."""
+    import importlib.util
+    import math
+
+    import torch
+
+    from sparse_attention import block_layout, sparse_attention
+
+    spec = importlib.util.spec_from_file_location("attention_benchmark", ROOT / "benchmarks" / "attention.py")
+    bench = sys.modules[spec.name] = importlib.util.module_from_spec(spec)  # torch.compile looks it up
+    spec.loader.exec_module(bench)
+    torch.manual_seed(0)
+    N, G = 47, 14
+    q, k, v = (torch.randn(2, 3, 1 + N, 16) for _ in range(3))
+    layout = block_layout(math.ceil(N / G), 1, 2, torch.Generator().manual_seed(1))
+    mask, padded = bench.flex_block_mask(N, G, layout, tile=16)
+    assert padded == 16
+    with torch.no_grad():
+        out = bench.flex_sparse_attention(q, k, v, G, layout, mask, padded)
+        ref = sparse_attention(q, k, v, G, layout, impl="einsum")[0]
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)

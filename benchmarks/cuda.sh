@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# The CUDA checks in one run (about 10 minutes on one H100/H200): the attention benchmark in bf16
+# for each sparse implementation against dense SDPA (FlashAttention), a short training run under
+# bf16 autocast on the synthetic data, and the model's cost table with the base preset's step
+# time measured on the GPU. Each command runs even if one before it fails; the exit status says
+# whether any failed.
+#
+#     bash benchmarks/cuda.sh 2>&1 | tee runs/cuda.log
+set -u
+cd "$(dirname "$0")/.."
+status=0
+run() {
+    echo "\$ $*"
+    "$@" || { echo "FAILED ($?): $*"; status=1; }
+}
+for impl in sdpa bmm flex; do
+    run python benchmarks/attention.py --device cuda --dtype bfloat16 --repeats 20 --impl "$impl"
+done
+run python train.py --frames 4 --max-steps 20 --no-eval --device cuda --output-dir runs/cuda-check
+run python eval.py --cost --timing-preset base --device cuda
+exit $status
