@@ -403,9 +403,11 @@ class VideoTextDataset(torch.utils.data.Dataset):
         """Random frames and crops are drawn from (seed, epoch, index): call before each epoch."""
         self.epoch = epoch
 
-    def item_seed(self, index: int) -> int:
-        """The seed of item `index` this epoch: a resumed run draws what an unbroken run draws."""
-        return int(np.random.SeedSequence([self.seed, self.epoch, index]).generate_state(1)[0])
+    def item_seed(self, index: int, epoch: int | None = None) -> int:
+        """The seed of item `index` in `epoch` (default: the one set_epoch gave): a resumed run
+        draws what an unbroken run draws."""
+        epoch = self.epoch if epoch is None else epoch
+        return int(np.random.SeedSequence([self.seed, epoch, index]).generate_state(1)[0])
 
     def __len__(self) -> int:
         return len(self.items)
@@ -429,10 +431,14 @@ class VideoTextDataset(torch.utils.data.Dataset):
         other = int(rng.integers(len(self) - 1))
         return other + 1 if other >= index else other
 
-    def __getitem__(self, index: int) -> dict:
+    def __getitem__(self, index: int | tuple[int, int]) -> dict:
+        """index: an item number, or an (epoch, item number) pair. The pair is how a sampler tells
+        DataLoader workers that outlive an epoch (persistent_workers) which epoch's frames to draw:
+        they keep the dataset as it was when they started, set_epoch included."""
+        epoch, index = index if isinstance(index, tuple) else (None, index)
         skipped: list[str] = []
         current = index
-        seed = self.item_seed(index)
+        seed = self.item_seed(index, epoch)
         generator = torch.Generator().manual_seed(seed)
         for attempt in range(MAX_READ_ATTEMPTS):
             caption, video_id = self.items[current]

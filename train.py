@@ -241,19 +241,22 @@ def data_paths(args):
 
 class ResumableSampler(torch.utils.data.Sampler):
     """DistributedSampler's order (seeded by seed and epoch, one shard per rank) that can start
-    `skip` batches into an epoch, so a resumed run sees the batches it had not seen."""
+    `skip` batches into an epoch, so a resumed run sees the batches it had not seen. It yields
+    (epoch, index) pairs: the DataLoader's workers persist across epochs and learn the epoch,
+    which seeds each item's frames, from the pair."""
 
     def __init__(self, dataset, *, world, rank, seed, batch_size):
         self.inner = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True)
         self.batch_size = batch_size
-        self.skip = 0
+        self.epoch = self.skip = 0
 
     def set_epoch(self, epoch, skip_batches=0):
         self.inner.set_epoch(epoch)
+        self.epoch = epoch
         self.skip = skip_batches * self.batch_size
 
     def __iter__(self):
-        return iter(list(self.inner)[self.skip:])
+        return iter([(self.epoch, index) for index in list(self.inner)[self.skip:]])
 
     def __len__(self):
         return len(self.inner) - self.skip
@@ -323,7 +326,7 @@ def train(args):
     loader = DataLoader(dataset, batch_size=per_rank, sampler=sampler, num_workers=workers, drop_last=True,
                         collate_fn=data.make_collate(data.default_tokenizer(text_model_path(config.text_model)),
                                                      text_len=config.text_len, seed=args.seed),
-                        pin_memory=device.type == "cuda", persistent_workers=False,
+                        pin_memory=device.type == "cuda", persistent_workers=workers > 0,
                         generator=torch.Generator().manual_seed(args.seed))
 
     model.to(device)
@@ -372,8 +375,7 @@ def train(args):
     model.train()
     epoch = start_epoch
     while epoch < epochs and step < max_steps:
-        sampler.set_epoch(epoch, skip_batches=step - epoch * steps_per_epoch)
-        dataset.set_epoch(epoch)
+        sampler.set_epoch(epoch, skip_batches=step - epoch * steps_per_epoch)  # the items carry the epoch
         bar = tqdm(loader, total=min(len(loader), max_steps - step), disable=not main_process,
                    desc=f"T={config.frames} epoch {epoch + 1}/{epochs}", dynamic_ncols=True)
         tick = time.perf_counter()

@@ -103,3 +103,22 @@ def test_non_finite_loss_stops_with_the_batch_videos(clips, tmp_path):
     # a learning rate of 1e30 sends the weights to infinity after the first step
     with pytest.raises(SystemExit, match=r"loss is nan.*batch videos: .*\.mp4"):
         run(clips, tmp_path, "--frames", "4", "--max-steps", "4", "--lr", "1e30")
+
+
+def test_persistent_workers_draw_each_epochs_frames(clips):
+    """The sampler's (epoch, index) pairs reach workers that outlive set_epoch: every epoch's items
+    carry that epoch's seeds, the ones a loader without workers draws."""
+    dataset = data.VideoTextDataset(clips["train"], clips["video_root"], frames=4, image_size=32, train=True)
+    sampler = train.ResumableSampler(dataset, world=1, rank=0, seed=0, batch_size=2)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=2, sampler=sampler, num_workers=1,
+                                         persistent_workers=True, collate_fn=list)
+    seeds = []
+    for epoch in range(2):
+        sampler.set_epoch(epoch)
+        items = [item for batch in loader for item in batch]
+        pairs = list(sampler)
+        assert [item["seed"] for item in items] == [dataset.item_seed(i, e) for e, i in pairs]
+        assert all(e == epoch for e, _ in pairs)
+        torch.testing.assert_close(items[0]["video"], dataset[pairs[0]]["video"])
+        seeds.append({i: item["seed"] for (_, i), item in zip(pairs, items)})
+    assert all(seeds[0][i] != seeds[1][i] for i in seeds[0])  # a new epoch, new frames
