@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The CUDA checks in one run (about 10 minutes on one H100/H200): the attention benchmark in bf16
+# The CUDA checks in one run: the attention benchmark in bf16
 # for each sparse implementation against dense SDPA (FlashAttention), a short training run under
 # bf16 autocast on the synthetic data, and the model's cost table with the base preset's step
 # time measured on the GPU. Each command runs even if one before it fails; the exit status says
