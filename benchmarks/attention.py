@@ -127,12 +127,19 @@ def measure(fns, device, repeats, grad=None):
     return [statistics.median(t) for t in times]
 
 
-def run(frames, *, heads, dim, block_size, local_blocks, random_blocks, device, dtype, repeats, impl):
+def inputs(frames, heads, dim, block_size, local_blocks, random_blocks, device="cpu", dtype=torch.float32):
+    """q, k, v (1, heads, N, dim) with N = 196 T + 1, a dense output gradient (as a loss above the
+    attention gives) and a block layout."""
     N = 196 * frames + 1
     q, k, v = (torch.randn(1, heads, N, dim, device=device, dtype=dtype, requires_grad=True)
                for _ in range(3))
-    grad = torch.randn_like(q)  # a dense output gradient, as a loss above the attention gives
     layout = block_layout(math.ceil((N - 1) / block_size), local_blocks, random_blocks, device=device)
+    return q, k, v, torch.randn_like(q), layout
+
+
+def run(frames, *, heads, dim, block_size, local_blocks, random_blocks, device, dtype, repeats, impl):
+    q, k, v, grad, layout = inputs(frames, heads, dim, block_size, local_blocks, random_blocks, device, dtype)
+    N = q.shape[2]
     dense = lambda: F.scaled_dot_product_attention(q, k, v)  # noqa: E731
     sparse = lambda: sparse_attention(q, k, v, block_size, layout, impl=impl)[0]  # noqa: E731
     if impl == "flex":
@@ -163,11 +170,8 @@ def peak_rss_child(args):
     """In a fresh process (--peak-child): one forward+backward, then print how far the resident
     set rose above what it was before the call (Linux: VmHWM reset through /proc/self/clear_refs)."""
     frames, which = args.peak_child
-    N = 196 * int(frames) + 1
-    q, k, v = (torch.randn(1, args.heads, N, args.dim, requires_grad=True) for _ in range(3))
-    grad = torch.randn_like(q)
     local_blocks, random_blocks, block_size = args.blocks
-    layout = block_layout(math.ceil((N - 1) / block_size), local_blocks, random_blocks)
+    q, k, v, grad, layout = inputs(int(frames), args.heads, args.dim, block_size, local_blocks, random_blocks)
 
     def status(field):
         line = next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith(field))
@@ -251,11 +255,7 @@ def main():
 
 def profile(frames, trace_dir, *, heads, dim, block_size, local_blocks, random_blocks, device, dtype, impl):
     """Where the sparse attention's time goes: torch.profiler over 3 forward+backward calls."""
-    N = 196 * frames + 1
-    q, k, v = (torch.randn(1, heads, N, dim, device=device, dtype=dtype, requires_grad=True)
-               for _ in range(3))
-    grad = torch.randn_like(q)
-    layout = block_layout(math.ceil((N - 1) / block_size), local_blocks, random_blocks, device=device)
+    q, k, v, grad, layout = inputs(frames, heads, dim, block_size, local_blocks, random_blocks, device, dtype)
     step = lambda: sparse_attention(q, k, v, block_size, layout, impl=impl)[0].backward(grad)  # noqa: E731
     step()  # warm-up
     activities = [torch.profiler.ProfilerActivity.CPU]
