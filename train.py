@@ -38,7 +38,8 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 import curriculum
 import data
-from model import SViTT, SViTTConfig, preset, text_model_path
+from model import SViTT, SViTTConfig, preset
+from pretrained import text_model_path
 
 log = logging.getLogger("train")
 

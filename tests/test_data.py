@@ -1,4 +1,4 @@
-"""Tests for data.py: frame sampling, decoding and transforms, MLM masking, bad input, synthetic data.
+"""Tests for data.py: frame sampling, decoding and transforms, MLM masking, bad input.
 
 Videos are small MP4s written with PyAV into tmp_path; the tokenizer is a tiny BERT WordPiece
 vocabulary built in memory, so nothing is downloaded.
@@ -9,13 +9,13 @@ import logging
 import pickle
 
 import av
-import decord
 import numpy as np
 import pytest
 import torch
 import transformers
 
 import data
+import synthetic
 
 COLOUR_RGB = {"red": (230, 30, 30), "green": (30, 200, 60), "blue": (30, 60, 230)}
 WORDS = ["a", "red", "green", "blue", "video", "square", "circle", "moves", "left", "right", "up",
@@ -31,7 +31,7 @@ def tokenizer():
 
 def write_clip(path, frames):
     path.parent.mkdir(parents=True, exist_ok=True)
-    data.write_mp4(str(path), frames, fps=8)
+    synthetic.write_mp4(str(path), frames, fps=8)
 
 
 def constant_clip(rgb, num_frames=12, size=32):
@@ -335,108 +335,3 @@ def test_mlm_masking_rates(tokenizer):
     assert abs(unchanged.sum() / n - 0.1 * (1 + 1 / len(WORDS))) < 0.02
     assert abs(replaced.sum() / n - 0.1 * (1 - 1 / len(WORDS))) < 0.02
     assert not torch.isin(masked_ids[replaced], torch.tensor(tokenizer.all_special_ids)).any()
-
-
-# --- synthetic dataset ---------------------------------------------------------------------------
-
-TINY = dict(num_train=8, num_test=8, num_frames=8, size=64, workers=1)
-
-
-def test_caption_groups_cover_every_caption_once():
-    groups = data.synthetic_caption_groups()
-    assert len(groups) == 6 * 3 * 4 * 5 * 3 * 4 // 4
-    captions = set()
-    rng = np.random.default_rng(0)
-    for attributes in groups:
-        _, events = data.make_scene(rng, attributes, size=112, num_frames=16)
-        clip_captions = {data.synthetic_caption(clip) for clip in data.scene_clips(events)}
-        assert len(clip_captions) == 4 and not clip_captions & captions
-        captions |= clip_captions
-    assert len(captions) == 4320
-
-
-def test_reversed_clip_is_the_clip_backwards():
-    rng = np.random.default_rng(1)
-    background, events = data.make_scene(rng, (("red", "square", "up"), ("blue", "circle", "left")),
-                                         size=112, num_frames=16)
-    object_size, _ = data.synthetic_geometry(112, 16)
-    forward = data.render_clip(background, events, num_frames=16, object_size=object_size)
-    backward = data.render_clip(background, data.reverse_events(events), num_frames=16,
-                                object_size=object_size)
-    assert np.array_equal(backward, forward[::-1])
-    assert not np.array_equal(forward, forward[::-1])
-    assert data.synthetic_caption(events) == "a red square moves up, then a blue circle moves left"
-    assert data.synthetic_caption(data.reverse_events(events)) == \
-        "a blue circle moves right, then a red square moves down"
-
-
-@pytest.mark.parametrize("seed", range(4))
-def test_objects_move_as_their_caption_says(seed):
-    rng = np.random.default_rng(seed)
-    groups = data.synthetic_caption_groups()
-    background, events = data.make_scene(rng, groups[seed * 97], size=112, num_frames=16)
-    object_size, _ = data.synthetic_geometry(112, 16)
-    for clip in data.scene_clips(events):
-        frames = data.render_clip(background, clip, num_frames=16, object_size=object_size)
-        words = data.synthetic_caption(clip).replace(",", "").split()
-        # "a C S moves D then a C S moves D": event k has colour words[1 + 6k], direction [4 + 6k]
-        for k in range(2):
-            colour, direction = words[1 + 6 * k], words[4 + 6 * k]
-            mask = np.all(frames == data.COLOURS[colour], axis=-1)                 # (F, S, S)
-            first, last = (0, 7) if k == 0 else (8, 15)
-            (y0, x0), (y1, x1) = (np.argwhere(mask[t]).mean(0) for t in (first, last))
-            dy, dx = data.DIRECTIONS[direction]
-            assert (y1 - y0) * dy > 30 or (x1 - x0) * dx > 30
-            other = (8, 15) if k == 0 else (0, 7)   # still while the other object moves
-            assert np.array_equal(np.argwhere(mask[other[0]]), np.argwhere(mask[other[1]]))
-
-
-def test_synthetic_is_deterministic_readable_and_split_cleanly(tmp_path):
-    first = data.ensure_synthetic(tmp_path / "a", seed=5, **TINY)
-    second = data.ensure_synthetic(tmp_path / "b", seed=5, **TINY)
-    other = data.ensure_synthetic(tmp_path / "c", seed=6, **TINY)
-    train = data.load_annotation(first["train"])
-    test = data.load_annotation(first["test"])
-    assert len(train) == 8 and len(test) == 8
-    assert train == data.load_annotation(second["train"])
-    assert test != data.load_annotation(other["test"])
-    for entry in train + test:
-        a = (tmp_path / "a" / "videos" / entry["video"]).read_bytes()
-        assert a == (tmp_path / "b" / "videos" / entry["video"]).read_bytes()
-        reader = decord.VideoReader(str(tmp_path / "a" / "videos" / entry["video"]))
-        assert len(reader) == 8 and reader[0].shape == (64, 64, 3)
-    test_captions = [entry["caption"] for entry in test]
-    assert len(set(test_captions)) == len(test_captions)
-    assert not set(test_captions) & {entry["caption"] for entry in train}
-    # decoded: clip 1 of a scene is clip 0 backwards, up to the codec's error
-    clips = [decord.VideoReader(str(tmp_path / "a" / "videos" / f"test/00000_{k}.mp4"))
-             .get_batch(list(range(8))).asnumpy().astype(float) for k in range(2)]
-    backwards = np.abs(clips[1] - clips[0][::-1]).mean(axis=(1, 2, 3))               # (F,)
-    forwards = np.abs(clips[1] - clips[0]).mean(axis=(1, 2, 3))                     # (F,)
-    assert backwards.max() < 4 and forwards[0] > 3 * backwards.max()
-
-
-def test_synthetic_is_made_once_and_remade_when_parameters_change(tmp_path):
-    paths = data.ensure_synthetic(tmp_path, seed=0, **TINY)
-    manifest = tmp_path / "manifest.json"
-    stamp = manifest.stat().st_mtime_ns
-    assert data.ensure_synthetic(tmp_path, seed=0, **TINY) == paths
-    assert manifest.stat().st_mtime_ns == stamp
-    (tmp_path / "videos" / "test" / "00001_2.mp4").unlink()       # incomplete: made again
-    data.ensure_synthetic(tmp_path, seed=0, **TINY)
-    assert (tmp_path / "videos" / "test" / "00001_2.mp4").exists()
-    data.ensure_synthetic(tmp_path, seed=0, **{**TINY, "num_train": 12})
-    assert len(data.load_annotation(paths["train"])) == 12
-    assert json.loads(manifest.read_text())["num_train"] == 12
-
-
-def test_synthetic_split_loads_through_the_dataset(tmp_path, tokenizer):
-    paths = data.ensure_synthetic(tmp_path, seed=0, **TINY)
-    dataset = data.VideoTextDataset(paths["test"], paths["video_root"], frames=4, image_size=32,
-                                    train=True)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=4,
-                                         collate_fn=data.make_collate(tokenizer))
-    batch = next(iter(loader))
-    assert batch["video"].shape == (4, 4, 3, 32, 32)
-    assert batch["skipped"] == [] and batch["video_id"].tolist() == [0, 1, 2, 3]
-    assert torch.isfinite(batch["video"]).all()

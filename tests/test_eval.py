@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import data
+import synthetic
 import eval as evaluation
 from model import SViTT, preset
 
@@ -38,7 +39,7 @@ def test_shuffled_order_is_a_real_permutation():
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     folder = tmp_path_factory.mktemp("eval")
-    clips = data.ensure_synthetic(folder / "synthetic", num_train=4, num_test=8, workers=1)
+    clips = synthetic.ensure_synthetic(folder / "synthetic", num_train=4, num_test=8, workers=1)
     torch.manual_seed(0)
     config = preset("tiny", frames=4)
     model = SViTT(config)
@@ -93,24 +94,3 @@ def test_pictures_and_sweep(checkpoint, tmp_path):
     png = result["sweep"]["png"]
     assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
     assert result["sweep"]["values"] == [1.0, 0.5]
-
-
-def test_cost_table_on_meta_device():
-    rows = evaluation.cost_table("tiny", "none", torch.device("cpu"), frames_list=(4,))
-    by = {r["sparsity"]: r for r in rows}
-    assert by["hybrid"]["gflops"] < by["node"]["gflops"] < by["dense"]["gflops"]
-    for row in rows:  # the count from tokens and edges agrees with the operator-level count
-        assert abs(row["gflops_predicted"] / row["gflops"] - 1) < 0.05
-    assert by["edge"]["edges"] < by["dense"]["edges"]
-    assert by["hybrid"]["memory_plain"] < by["dense"]["memory_plain"]
-    assert by["dense"]["memory_fused"] < by["dense"]["memory_plain"]  # the fused kernel keeps no N x N softmax
-
-
-def test_cost_table_times_the_timing_preset(capsys):
-    rows = evaluation.cost_table("tiny", "tiny", torch.device("cpu"), frames_list=(4,), repeats=1)
-    by = {r["sparsity"]: r for r in rows}
-    assert all(r["forward_s"] > 0 and r["train_step_s"] > 0 for r in rows)
-    assert by["hybrid"]["timing_memory"] < by["dense"]["timing_memory"]  # measured on the CPU, not counted
-    evaluation.print_cost_table(rows)
-    out = capsys.readouterr().out
-    assert "step/flops" in out and out.count(" hybrid ") == 2

