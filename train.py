@@ -13,13 +13,12 @@ checkpoint of the same frame count continues it exactly (model, optimizer, sched
 states); resuming one of fewer frames expands it (Eq. 22-23, 26-27) into the new stage, with the
 stage's sparsity and hyper-parameters and a fresh optimizer and schedule.
 
-Checkpoints are dicts of model, optimizer, scheduler, scaler, step, epoch, rng and config (plain
-Python types, so `torch.load(weights_only=True)` reads them), written atomically as
+Checkpoints (`checkpoint.py`) are dicts of model, optimizer, scheduler, step, epoch, rng, config
+and run (plain Python types, so `torch.load(weights_only=True)` reads them), written atomically as
 `<output-dir>/frames<T>/last.pt` after every epoch. TensorBoard logs sit beside them
 (`tensorboard --logdir checkpoints`); --profile adds a trace for TensorBoard's profiler plugin.
 """
 import argparse
-import ctypes
 import json
 import logging
 import math
@@ -38,46 +37,64 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 import curriculum
 import data
+from checkpoint import latest_checkpoint, load_checkpoint, load_model_state, save_checkpoint
+from cpu_speedups import keep_freed_memory
 from model import SViTT, SViTTConfig, preset
 from pretrained import text_model_path
+from synthetic import ensure_synthetic
 
 log = logging.getLogger("train")
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--frames", type=int, default=None,
-                   help="frames per clip T; picks the stage (4, 8 or 16). Default: 4, or the resumed checkpoint's")
+                   help="frames per clip T; picks the stage (4, 8 or 16). "
+                        "Default: 4, or the resumed checkpoint's")
     p.add_argument("--resume", nargs="?", const="latest", default=None, metavar="PATH",
                    help="checkpoint to continue (same frames) or expand (more frames); "
                         "without PATH the newest last.pt under --output-dir")
-    p.add_argument("--output-dir", default="checkpoints", help="checkpoints and logs, one folder per stage")
-    p.add_argument("--data", default=None, help="training annotation JSON (default: the synthetic data set)")
-    p.add_argument("--video-root", default=None, help="folder the annotation's video paths are relative to")
-    p.add_argument("--test-data", default=None, help="annotation of the test split for the end-of-stage retrieval")
+    p.add_argument("--output-dir", default="checkpoints",
+                   help="checkpoints and logs, one folder per stage")
+    p.add_argument("--data", default=None,
+                   help="training annotation JSON (default: the synthetic data set)")
+    p.add_argument("--video-root", default=None,
+                   help="folder the annotation's video paths are relative to")
+    p.add_argument("--test-data", default=None,
+                   help="annotation of the test split for the end-of-stage retrieval")
     p.add_argument("--preset", default=None, choices=["tiny", "base"],
-                   help="model preset for a new run (default tiny); a resumed run takes the checkpoint's")
-    p.add_argument("--beit", default="", help="transformers BEiT folder to initialise the video encoder (new runs)")
-    p.add_argument("--text-model", default=None, help="BERT name or folder for the text encoder (new runs)")
-    p.add_argument("--epochs", type=int, default=None, help="epochs of the stage (default: the stage table's)")
+                   help="model preset for a new run (default tiny); a resumed run takes the "
+                        "checkpoint's")
+    p.add_argument("--beit", default="",
+                   help="transformers BEiT folder to initialise the video encoder (new runs)")
+    p.add_argument("--text-model", default=None,
+                   help="BERT name or folder for the text encoder (new runs)")
+    p.add_argument("--epochs", type=int, default=None,
+                   help="epochs of the stage (default: the stage table's)")
     p.add_argument("--max-steps", type=int, default=None,
-                   help="stop after this many optimizer steps of the stage (smoke runs); the schedule still "
-                        "spans --epochs")
-    p.add_argument("--batch-size", type=int, default=None, help="clips per step over all processes (default: stage's)")
-    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the stage's)")
+                   help="stop after this many optimizer steps of the stage (smoke runs); the "
+                        "schedule still spans --epochs")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="clips per step over all processes (default: stage's)")
+    p.add_argument("--lr", type=float, default=None,
+                   help="peak learning rate (default: the stage's)")
     p.add_argument("--workers", type=int, default=None,
-                   help="DataLoader worker processes per process (default: 4 on a GPU, 1 on a CPU, where the "
-                        "model needs the cores)")
-    p.add_argument("--seed", type=int, default=0, help="seed of initialisation, data order and sampling")
+                   help="DataLoader worker processes per process (default: 4 on a GPU, 1 on a "
+                        "CPU, where the model needs the cores)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of initialisation, data order and sampling")
     p.add_argument("--profile", action="store_true",
-                   help="record a few steps with torch.profiler into <stage>/profile (TensorBoard plugin)")
+                   help="record a few steps with torch.profiler into <stage>/profile "
+                        "(TensorBoard plugin)")
     p.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda when available)")
-    p.add_argument("--no-eval", action="store_true", help="skip the zero-shot retrieval at the end of the stage")
+    p.add_argument("--no-eval", action="store_true",
+                   help="skip the zero-shot retrieval at the end of the stage")
     return p.parse_args(argv)
 
 
 # --------------------------------------------------------------------------------------------
-# Processes, seeds, allocator
+# Processes and seeds
 # --------------------------------------------------------------------------------------------
 
 def setup_distributed(device_arg):
@@ -94,19 +111,10 @@ def setup_distributed(device_arg):
     return rank, world, device
 
 
-def keep_freed_memory():
-    """On Linux/glibc, keep freed tensor memory in the process instead of returning it to the OS.
-
-    glibc serves large allocations with mmap and unmaps them on free, so every training step would
-    page-fault its activations back in (on a 2-core CPU that costs as much as the attention
-    itself). M_MMAP_MAX = 0 and a large M_TRIM_THRESHOLD make freed blocks reusable.
-    """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-4, 0)  # M_MMAP_MAX
-        libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD
-    except (OSError, AttributeError):
-        pass
+def seed_everything(seed):
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
 
 
 def rng_state():
@@ -127,65 +135,14 @@ def set_rng_state(state):
 
 
 # --------------------------------------------------------------------------------------------
-# Checkpoints
-# --------------------------------------------------------------------------------------------
-
-def save_checkpoint(path, checkpoint):
-    """Atomic: write a temporary file beside `path`, then rename it over `path`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".pt.tmp")
-    torch.save(checkpoint, tmp)
-    os.replace(tmp, path)
-
-
-def latest_checkpoint(output_dir):
-    candidates = sorted(Path(output_dir).glob("*/last.pt"), key=lambda p: p.stat().st_mtime)
-    if not candidates:
-        raise SystemExit(f"--resume: no checkpoint */last.pt under {output_dir}/")
-    return candidates[-1]
-
-
-def load_checkpoint(path):
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise SystemExit(f"--resume: {path} does not exist")
-    except Exception as error:  # unpickling errors: a truncated file, or one holding code
-        raise SystemExit(f"--resume: {path} is not a readable SViTT checkpoint ({type(error).__name__}: {error})")
-    missing = [k for k in ("model", "config", "step", "epoch") if k not in ckpt]
-    if missing:
-        raise SystemExit(f"--resume: {path} lacks {missing}; is it a checkpoint of this project?")
-    return ckpt
-
-
-def load_model_state(model, state, source):
-    """load_state_dict with a message that names the keys that differ instead of a traceback."""
-    ours = model.state_dict()
-    missing = sorted(set(ours) - set(state))
-    unexpected = sorted(set(state) - set(ours))
-    shapes = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(ours[k].shape)}"
-              for k in ours if k in state and state[k].shape != ours[k].shape]
-    if missing or unexpected or shapes:
-        lines = [f"{source} does not fit the model built from its config:"]
-        if missing:
-            lines.append(f"  missing from the checkpoint ({len(missing)}): {', '.join(missing[:8])}")
-        if unexpected:
-            lines.append(f"  not in the model ({len(unexpected)}): {', '.join(unexpected[:8])}")
-        if shapes:
-            lines.append(f"  other shapes ({len(shapes)}): " + "; ".join(shapes[:8]))
-        raise SystemExit("\n".join(lines))
-    model.load_state_dict(state)
-
-
-# --------------------------------------------------------------------------------------------
 # The run: config, model, data, optimizer
 # --------------------------------------------------------------------------------------------
 
 def stage_config(config, stage):
     """The config with a stage's frames and sparsity."""
-    return replace(config, frames=stage.frames, block_size=stage.block_size, local_blocks=stage.local_blocks,
-                   random_blocks=stage.random_blocks, keep_rate_v=stage.keep_rate_v, keep_rate_m=stage.keep_rate_m)
+    return replace(config, frames=stage.frames, block_size=stage.block_size,
+                   local_blocks=stage.local_blocks, random_blocks=stage.random_blocks,
+                   keep_rate_v=stage.keep_rate_v, keep_rate_m=stage.keep_rate_m)
 
 
 def build(args, log_line):
@@ -204,8 +161,9 @@ def build(args, log_line):
     ckpt = load_checkpoint(path)
     old = SViTTConfig.from_dict(ckpt["config"])
     if args.preset and args.preset != old.preset:
-        raise SystemExit(f"--resume: {path} holds a '{old.preset}' model; --preset {args.preset} asks for another "
-                         f"architecture (leave --preset out: a resumed run takes the checkpoint's)")
+        raise SystemExit(f"--resume: {path} holds a '{old.preset}' model; --preset {args.preset} "
+                         f"asks for another architecture (leave --preset out: a resumed run takes "
+                         f"the checkpoint's)")
     frames = args.frames or old.frames
     if frames == old.frames:  # a true resume
         model = SViTT(old, pretrained=False)
@@ -213,7 +171,8 @@ def build(args, log_line):
         log_line(f"resume {path}: step {ckpt['step']}, epoch {ckpt['epoch']}, {old.frames} frames")
         return model, old, curriculum.stage_for(frames, old.preset), ckpt, True
     if frames < old.frames:
-        raise SystemExit(f"--resume: {path} has {old.frames} frames; expansion goes to more frames, not {frames}")
+        raise SystemExit(f"--resume: {path} has {old.frames} frames; expansion goes to more "
+                         f"frames, not {frames}")
     # temporal sparse expansion: the new stage's sparsity, the weights resized along time
     stage = curriculum.stage_for(frames, old.preset)
     curriculum.check_curriculum([old, stage])  # Eq. 14-16
@@ -222,19 +181,28 @@ def build(args, log_line):
     model = SViTT(config, pretrained=False)
     load_model_state(model, state, path)
     edges = curriculum.count_config_edges(config)
-    log_line(f"temporal sparse expansion: {path} ({old.frames} frames, q_v={old.keep_rate_v}) -> {frames} frames, "
-             f"(K_l, K_r, G)=({config.local_blocks}, {config.random_blocks}, {config.block_size}), "
-             f"(q_v, q_m)=({config.keep_rate_v}, {config.keep_rate_m}), sparsity {edges.sparsity:.2f}; "
-             f"fresh optimizer and schedule")
+    log_line(f"temporal sparse expansion: {path} ({old.frames} frames, q_v={old.keep_rate_v}) -> "
+             f"{frames} frames, (K_l, K_r, G)=({config.local_blocks}, {config.random_blocks}, "
+             f"{config.block_size}), (q_v, q_m)=({config.keep_rate_v}, {config.keep_rate_m}), "
+             f"sparsity {edges.sparsity:.2f}; fresh optimizer and schedule")
     log_line(message)
     return model, config, stage, None, False
+
+
+def hyper_parameters(args, stage, ckpt):
+    """{epochs, batch_size, lr}: the stage's unless given; a true resume (ckpt) keeps its run's."""
+    if ckpt is not None:
+        return {key: ckpt["run"][key] for key in ("epochs", "batch_size", "lr")}
+    return {"epochs": stage.epochs if args.epochs is None else args.epochs,
+            "batch_size": stage.batch_size if args.batch_size is None else args.batch_size,
+            "lr": stage.lr if args.lr is None else args.lr}
 
 
 def data_paths(args):
     """(train annotation, test annotation or None, video root)."""
     if args.data is None:
-        synthetic = data.ensure_synthetic()
-        return synthetic["train"], synthetic["test"], synthetic["video_root"]
+        paths = ensure_synthetic()
+        return paths["train"], paths["test"], paths["video_root"]
     if args.video_root is None:
         raise SystemExit("--data needs --video-root, the folder its video paths are relative to")
     return args.data, args.test_data, args.video_root
@@ -247,7 +215,8 @@ class ResumableSampler(torch.utils.data.Sampler):
     which seeds each item's frames, from the pair."""
 
     def __init__(self, dataset, *, world, rank, seed, batch_size):
-        self.inner = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True)
+        self.inner = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True,
+                                        seed=seed, drop_last=True)
         self.batch_size = batch_size
         self.epoch = self.skip = 0
 
@@ -263,13 +232,30 @@ class ResumableSampler(torch.utils.data.Sampler):
         return len(self.inner) - self.skip
 
 
+def make_loader(dataset, config, *, per_rank, world, rank, seed, workers, device):
+    """-> (DataLoader of per-rank batches, its ResumableSampler, steps per epoch)."""
+    sampler = ResumableSampler(dataset, world=world, rank=rank, seed=seed, batch_size=per_rank)
+    steps_per_epoch = len(sampler.inner) // per_rank
+    if steps_per_epoch == 0:
+        raise SystemExit(f"{dataset.annotation_name}: {len(dataset)} pairs make no batch of "
+                         f"{per_rank} per process")
+    tokenizer = data.default_tokenizer(text_model_path(config.text_model))
+    loader = DataLoader(dataset, batch_size=per_rank, sampler=sampler, num_workers=workers,
+                        drop_last=True,
+                        collate_fn=data.make_collate(tokenizer, text_len=config.text_len, seed=seed),
+                        pin_memory=device.type == "cuda", persistent_workers=workers > 0,
+                        generator=torch.Generator().manual_seed(seed))
+    return loader, sampler, steps_per_epoch
+
+
 def make_optimizer(model, lr, weight_decay):
     """AdamW (0.9, 0.999); no weight decay on biases, norms, embeddings and the temperature."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        flat = p.ndim < 2 or any(k in name for k in ("pos_embed", "cls_token", "relative_position", "cls_bias"))
+        flat = p.ndim < 2 or any(k in name for k in ("pos_embed", "cls_token", "relative_position",
+                                                     "cls_bias"))
         (no_decay if flat else decay).append(p)
     return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
                               {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.999))
@@ -286,168 +272,211 @@ def cosine_schedule(optimizer, warmup_steps, total_steps):
 
 
 # --------------------------------------------------------------------------------------------
+# Checkpoint state
+# --------------------------------------------------------------------------------------------
+
+def training_state(model, optimizer, scheduler, *, step, epoch, config, run):
+    """The checkpoint of a run: everything a true resume needs to continue exactly."""
+    return {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "step": step, "epoch": epoch,
+            "rng": rng_state(), "config": config.to_dict(), "run": run}
+
+
+def restore_training_state(ckpt, optimizer, scheduler):
+    """Optimizer, schedule and random states of a true resume; -> (step, epoch). (Checkpoints of
+    earlier versions also hold a 'scaler' entry, which is not needed and not read.)"""
+    optimizer.load_state_dict(ckpt["optimizer"])
+    scheduler.load_state_dict(ckpt["scheduler"])
+    set_rng_state(ckpt["rng"])
+    return ckpt["step"], ckpt["epoch"]
+
+
+# --------------------------------------------------------------------------------------------
+# Logging and profiling
+# --------------------------------------------------------------------------------------------
+
+LOSSES = ("loss", "loss_vtc", "loss_vtm", "loss_mlm")
+
+
+class RunLog:
+    """Log lines, a progress bar, TensorBoard scalars and the count of skipped clips, written by
+    the main process only."""
+
+    def __init__(self, main_process):
+        self.main = main_process
+        self.writer = None
+        self.losses, self.skipped, self.skipped_files = [], 0, set()
+        logging.basicConfig(level=logging.INFO if main_process else logging.WARNING,
+                            format="%(message)s")
+
+    def line(self, text):
+        if self.main:
+            log.info(text)
+
+    def open(self, folder):
+        if self.main:
+            from torch.utils.tensorboard import SummaryWriter
+            self.writer = SummaryWriter(folder)
+
+    def progress(self, loader, total, desc):
+        from tqdm import tqdm
+        self.tick = time.perf_counter()
+        self.bar = tqdm(loader, total=total, disable=not self.main, desc=desc, dynamic_ncols=True)
+        return self.bar
+
+    def batch(self, batch):
+        """Clips the loader could not read and replaced (data.py)."""
+        self.skipped += len(batch["skipped"])
+        self.skipped_files.update(batch["skipped"])
+
+    def step(self, step, values, *, clips, lr, edges, record):
+        now = time.perf_counter()
+        clips_per_s = clips / (now - self.tick)
+        self.tick = now
+        self.losses.append(values["loss"])
+        if not self.main:
+            return
+        self.bar.set_postfix(loss=f"{values['loss']:.3f}", clips_s=f"{clips_per_s:.1f}")
+        scalars = {f"train/{name}": value for name, value in values.items()}
+        scalars.update({"train/lr": lr, "train/clips_per_s": clips_per_s,
+                        "train/skipped_clips": self.skipped, "sparsity/edges": edges.total,
+                        "sparsity/S": edges.sparsity})
+        for layer, tokens in enumerate(record["visual_tokens"], start=1):
+            scalars[f"tokens/visual_{layer:02d}"] = tokens
+        for layer, tokens in enumerate(record["multimodal_tokens"], start=1):
+            scalars[f"tokens/multimodal_{layer}"] = tokens
+        for name, value in scalars.items():
+            self.writer.add_scalar(name, value, step)
+
+    def close(self, *, frames, step, epoch, epochs, steps_per_epoch):
+        if self.skipped:
+            self.line(f"skipped {self.skipped} unreadable clips ({len(self.skipped_files)} "
+                      f"files): " + ", ".join(sorted(self.skipped_files)[:20]))
+        if self.losses:
+            tail = self.losses[-min(len(self.losses), steps_per_epoch):]
+            self.line(f"stage T={frames} stopped at step {step} (epoch {epoch}/{epochs}); "
+                      f"mean loss of the last {len(tail)} steps {sum(tail) / len(tail):.3f}")
+        if self.writer is not None:
+            self.writer.close()
+
+
+def start_profiler(folder):
+    """torch.profiler over a few steps, traced for TensorBoard's profiler plugin."""
+    profiler = torch.profiler.profile(
+        schedule=torch.profiler.schedule(wait=1, warmup=1, active=3, repeat=1),
+        on_trace_ready=torch.profiler.tensorboard_trace_handler(str(folder)),
+        record_shapes=True, profile_memory=True, with_stack=False)
+    profiler.start()
+    return profiler
+
+
+# --------------------------------------------------------------------------------------------
 # Training
 # --------------------------------------------------------------------------------------------
 
+def train_step(model, optimizer, scheduler, batch, device, step):
+    """Step `step` of Sec. A.3: the three losses with equal weights (bf16 autocast on GPUs), their
+    gradient, AdamW and the schedule. -> (the losses as floats, the forward's record)."""
+    tensors = {k: v.to(device, non_blocking=True) for k, v in batch.items() if torch.is_tensor(v)}
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        out = model(tensors)
+    losses = torch.stack([out[name].detach().float() for name in LOSSES])
+    values = dict(zip(LOSSES, losses.tolist()))  # one synchronisation for the four
+    if not math.isfinite(values["loss"]):
+        raise SystemExit(f"step {step}: loss is {values['loss']} (vtc {values['loss_vtc']:.3g}, "
+                         f"vtm {values['loss_vtm']:.3g}, mlm {values['loss_mlm']:.3g}); "
+                         f"batch videos: {', '.join(batch['paths'])}")
+    optimizer.zero_grad(set_to_none=True)
+    out["loss"].backward()
+    optimizer.step()
+    scheduler.step()
+    return values, out["record"]
+
+
 def train(args):
+    """One stage of pre-training: AdamW with a cosine schedule and warm-up over the stage's
+    epochs (Sec. A.3, Table 9), a checkpoint after every epoch."""
     keep_freed_memory()
     rank, world, device = setup_distributed(args.device)
-    main_process = rank == 0
-    logging.basicConfig(level=logging.INFO if main_process else logging.WARNING, format="%(message)s")
-
-    def log_line(text):
-        if main_process:
-            log.info(text)
-
-    torch.manual_seed(args.seed)
-    np.random.seed(args.seed)
-    random.seed(args.seed)
-    model, config, stage, ckpt, exact = build(args, log_line)
+    run_log = RunLog(main_process=rank == 0)
+    seed_everything(args.seed)
+    model, config, stage, ckpt, exact = build(args, run_log.line)
     stage_dir = Path(args.output_dir) / f"frames{config.frames}"
     edges = curriculum.count_config_edges(config)
-    log_line(f"stage T={config.frames} ({config.preset}): (K_l, K_r, G)=({config.local_blocks}, {config.random_blocks}, "
-             f"{config.block_size}), (q_v, q_m)=({config.keep_rate_v}, {config.keep_rate_m}), "
-             f"{edges.total / 1e6:.3f}M edges of {edges.dense / 1e6:.3f}M dense, sparsity S={edges.sparsity:.2f} (Eq. 19)")
+    run_log.line(f"stage T={config.frames} ({config.preset}): (K_l, K_r, G)=({config.local_blocks}, "
+                 f"{config.random_blocks}, {config.block_size}), (q_v, q_m)=({config.keep_rate_v}, "
+                 f"{config.keep_rate_m}), {edges.total / 1e6:.3f}M edges of "
+                 f"{edges.dense / 1e6:.3f}M dense, sparsity S={edges.sparsity:.2f} (Eq. 19)")
 
     train_ann, test_ann, video_root = data_paths(args)
-    dataset = data.VideoTextDataset(train_ann, video_root, frames=config.frames, image_size=config.image_size,
-                                    train=True, seed=args.seed)
-    epochs = stage.epochs if args.epochs is None else args.epochs
-    batch_size = stage.batch_size if args.batch_size is None else args.batch_size
-    lr = stage.lr if args.lr is None else args.lr
-    if exact:  # a true resume keeps the run's hyper-parameters
-        epochs, batch_size, lr = ckpt["run"]["epochs"], ckpt["run"]["batch_size"], ckpt["run"]["lr"]
+    dataset = data.VideoTextDataset(train_ann, video_root, frames=config.frames,
+                                    image_size=config.image_size, train=True, seed=args.seed)
+    hp = hyper_parameters(args, stage, ckpt if exact else None)
+    epochs, batch_size, lr = hp["epochs"], hp["batch_size"], hp["lr"]
     assert batch_size % world == 0, f"batch size {batch_size} must divide among {world} processes"
-    per_rank = batch_size // world
     workers = args.workers if args.workers is not None else (4 if device.type == "cuda" else 1)
-    sampler = ResumableSampler(dataset, world=world, rank=rank, seed=args.seed, batch_size=per_rank)
-    steps_per_epoch = len(sampler.inner) // per_rank
-    if steps_per_epoch == 0:
-        raise SystemExit(f"{train_ann}: {len(dataset)} pairs make no batch of {per_rank} per process")
-    loader = DataLoader(dataset, batch_size=per_rank, sampler=sampler, num_workers=workers, drop_last=True,
-                        collate_fn=data.make_collate(data.default_tokenizer(text_model_path(config.text_model)),
-                                                     text_len=config.text_len, seed=args.seed),
-                        pin_memory=device.type == "cuda", persistent_workers=workers > 0,
-                        generator=torch.Generator().manual_seed(args.seed))
+    loader, sampler, steps_per_epoch = make_loader(
+        dataset, config, per_rank=batch_size // world, world=world, rank=rank, seed=args.seed,
+        workers=workers, device=device)
 
     model.to(device)
-    ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None) \
-        if world > 1 else model
+    ddp = model
+    if world > 1:
+        ddp = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device] if device.type == "cuda" else None)
     optimizer = make_optimizer(model, lr, stage.weight_decay)
     total_steps = epochs * steps_per_epoch
     scheduler = cosine_schedule(optimizer, int(stage.warmup_epochs * steps_per_epoch), total_steps)
-    autocast = device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda", enabled=False)  # bf16 needs no loss scaling; kept for fp16 users
-    step, start_epoch = 0, 0
-    if exact:
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        scaler.load_state_dict(ckpt["scaler"])
-        step, start_epoch = ckpt["step"], ckpt["epoch"]
-        set_rng_state(ckpt["rng"])
+    step, epoch = restore_training_state(ckpt, optimizer, scheduler) if exact else (0, 0)
     max_steps = min(total_steps, args.max_steps) if args.max_steps else total_steps
+    run = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": args.seed,
+           "data": str(train_ann), "video_root": str(video_root),
+           "test_data": str(test_ann) if test_ann else None}
 
-    writer = None
-    if main_process:
-        from torch.utils.tensorboard import SummaryWriter
-        writer = SummaryWriter(stage_dir / "tb")
-        log_line(f"{len(dataset)} pairs, {steps_per_epoch} steps of {batch_size} clips an epoch, {epochs} epochs, "
-                 f"lr {lr:g}, {world} process(es) on {device}; logs in {stage_dir}")
-    profiler = None
-    if args.profile and main_process:
-        profiler = torch.profiler.profile(
-            schedule=torch.profiler.schedule(wait=1, warmup=1, active=3, repeat=1),
-            on_trace_ready=torch.profiler.tensorboard_trace_handler(str(stage_dir / "profile")),
-            record_shapes=True, profile_memory=True, with_stack=False)
-        profiler.start()
-
-    def checkpoint(epoch):
-        if not main_process:
-            return
-        save_checkpoint(stage_dir / "last.pt", {
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict(), "step": step, "epoch": epoch, "rng": rng_state(),
-            "config": config.to_dict(), "run": {"epochs": epochs, "batch_size": batch_size, "lr": lr,
-                                                "seed": args.seed, "data": str(train_ann), "video_root": str(video_root),
-                                                "test_data": str(test_ann) if test_ann else None}})
-
-    from tqdm import tqdm
-    skipped_total, skipped_files, losses = 0, set(), []
+    run_log.open(stage_dir / "tb")
+    run_log.line(f"{len(dataset)} pairs, {steps_per_epoch} steps of {batch_size} clips an epoch, "
+                 f"{epochs} epochs, lr {lr:g}, {world} process(es) on {device}; logs in {stage_dir}")
+    profiler = start_profiler(stage_dir / "profile") if args.profile and rank == 0 else None
     model.train()
-    epoch = start_epoch
     while epoch < epochs and step < max_steps:
-        sampler.set_epoch(epoch, skip_batches=step - epoch * steps_per_epoch)  # the items carry the epoch
-        bar = tqdm(loader, total=min(len(loader), max_steps - step), disable=not main_process,
-                   desc=f"T={config.frames} epoch {epoch + 1}/{epochs}", dynamic_ncols=True)
-        tick = time.perf_counter()
-        for batch in bar:
-            skipped_total += len(batch["skipped"])
-            skipped_files.update(batch["skipped"])
-            tensors = {k: v.to(device, non_blocking=True) for k, v in batch.items() if torch.is_tensor(v)}
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-                out = ddp(tensors)
-            names = ("loss", "loss_vtc", "loss_vtm", "loss_mlm")
-            values = dict(zip(names, torch.stack([out[n].detach().float() for n in names]).tolist()))  # one sync
-            if not math.isfinite(values["loss"]):
-                raise SystemExit(f"step {step}: loss is {values['loss']} (vtc {values['loss_vtc']:.3g}, "
-                                 f"vtm {values['loss_vtm']:.3g}, mlm {values['loss_mlm']:.3g}); "
-                                 f"batch videos: {', '.join(batch['paths'])}")
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(out["loss"]).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
+        # a resumed epoch skips the batches it has seen; the items carry the epoch
+        sampler.set_epoch(epoch, skip_batches=step - epoch * steps_per_epoch)
+        for batch in run_log.progress(loader, total=min(len(loader), max_steps - step),
+                                      desc=f"T={config.frames} epoch {epoch + 1}/{epochs}"):
+            run_log.batch(batch)
+            values, record = train_step(ddp, optimizer, scheduler, batch, device, step)
             step += 1
             if profiler is not None:
                 profiler.step()
-            now = time.perf_counter()
-            clips_per_s = batch_size / (now - tick)
-            tick = now
-            losses.append(values["loss"])
-            if main_process:
-                bar.set_postfix(loss=f"{losses[-1]:.3f}", clips_s=f"{clips_per_s:.1f}")
-                for name, value in values.items():
-                    writer.add_scalar(f"train/{name}", value, step)
-                writer.add_scalar("train/lr", scheduler.get_last_lr()[0], step)
-                writer.add_scalar("train/clips_per_s", clips_per_s, step)
-                writer.add_scalar("train/skipped_clips", skipped_total, step)
-                writer.add_scalar("sparsity/edges", edges.total, step)
-                writer.add_scalar("sparsity/S", edges.sparsity, step)
-                for layer, tokens in enumerate(out["record"]["visual_tokens"], start=1):
-                    writer.add_scalar(f"tokens/visual_{layer:02d}", tokens, step)
-                for layer, tokens in enumerate(out["record"]["multimodal_tokens"], start=1):
-                    writer.add_scalar(f"tokens/multimodal_{layer}", tokens, step)
+            run_log.step(step, values, clips=batch_size, lr=scheduler.get_last_lr()[0],
+                         edges=edges, record=record)
             if step >= max_steps:
                 break
-        bar.close()
+        run_log.bar.close()
         if step >= (epoch + 1) * steps_per_epoch:
             epoch += 1
-        checkpoint(epoch)
+        if rank == 0:
+            save_checkpoint(stage_dir / "last.pt", training_state(
+                model, optimizer, scheduler, step=step, epoch=epoch, config=config, run=run))
+
     if profiler is not None:
         profiler.stop()
-        log_line(f"profiler trace in {stage_dir / 'profile'} (tensorboard --logdir {stage_dir / 'profile'})")
-    if skipped_total:
-        log_line(f"skipped {skipped_total} unreadable clips ({len(skipped_files)} files): "
-                 + ", ".join(sorted(skipped_files)[:20]))
-    if losses:
-        tail = losses[-min(len(losses), steps_per_epoch):]
-        log_line(f"stage T={config.frames} stopped at step {step} (epoch {epoch}/{epochs}); "
-                 f"mean loss of the last {len(tail)} steps {sum(tail) / len(tail):.3f}")
-    if writer is not None:
-        writer.close()
+        run_log.line(f"profiler trace in {stage_dir / 'profile'} "
+                     f"(tensorboard --logdir {stage_dir / 'profile'})")
+    run_log.close(frames=config.frames, step=step, epoch=epoch, epochs=epochs,
+                  steps_per_epoch=steps_per_epoch)
     if world > 1:
         dist.destroy_process_group()
-    return {"checkpoint": stage_dir / "last.pt", "losses": losses, "step": step, "test_data": test_ann,
-            "video_root": video_root}
+    return {"checkpoint": stage_dir / "last.pt", "losses": run_log.losses, "step": step,
+            "test_data": test_ann, "video_root": video_root}
 
 
 def evaluate_stage(checkpoint_path, test_ann, video_root, device):
-    """Zero-shot retrieval on the test split, by eval.py in its own process; saved beside the checkpoint.
-
-    A quick check: VTM re-scores the top 16 of each query (`python eval.py` re-scores 128)."""
+    """Zero-shot retrieval on the test split, by eval.py in its own process; saved beside the
+    checkpoint. A quick check: VTM re-scores the top 16 of each query (`python eval.py`: 128)."""
     output = Path(checkpoint_path).with_name("retrieval.json")
-    command = [sys.executable, str(Path(__file__).with_name("eval.py")), "--checkpoint", str(checkpoint_path),
-               "--output", str(output), "--k", "16"]
+    command = [sys.executable, str(Path(__file__).with_name("eval.py")), "--checkpoint",
+               str(checkpoint_path), "--output", str(output), "--k", "16"]
     if test_ann:
         command += ["--data", str(test_ann), "--video-root", str(video_root)]
     if device:
@@ -460,8 +489,8 @@ def main(argv=None):
     args = parse_args(argv)
     result = train(args)
     if int(os.environ.get("RANK", "0")) == 0 and not args.no_eval and result["checkpoint"].exists():
-        result["retrieval"] = evaluate_stage(result["checkpoint"], result["test_data"], result["video_root"],
-                                             args.device)
+        result["retrieval"] = evaluate_stage(result["checkpoint"], result["test_data"],
+                                             result["video_root"], args.device)
     return result
 
 

@@ -24,7 +24,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import cpu_speedups  # noqa: E402
 import model as model_module  # noqa: E402
-from cost import dummy_batch  # noqa: E402
+from benchmarks.cost import dummy_batch  # noqa: E402
 
 
 def plain_attention_with_dropout(q, k, v, mask, dropout):

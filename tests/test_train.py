@@ -10,6 +10,7 @@ import curriculum
 import data
 import synthetic
 import train
+from checkpoint import save_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -82,7 +83,7 @@ def test_checkpoint_of_another_shape_names_the_keys(clips, tmp_path):
 
 
 def test_checkpoint_written_atomically(tmp_path):
-    train.save_checkpoint(tmp_path / "a" / "last.pt", {"step": 1})
+    save_checkpoint(tmp_path / "a" / "last.pt", {"step": 1})
     assert torch.load(tmp_path / "a" / "last.pt", weights_only=True) == {"step": 1}
     assert not list((tmp_path / "a").glob("*.tmp"))
 
