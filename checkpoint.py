@@ -2,8 +2,9 @@
 
 A checkpoint is a dict of plain Python types and tensors, so `torch.load(weights_only=True)` reads
 it: model, optimizer, scheduler, step, epoch, rng, config (`SViTTConfig.to_dict()`) and run (the
-run's data and hyper-parameters). `train.py` writes one per stage as `<output-dir>/frames<T>/last.pt`;
-`train.py --resume` and `eval.py` read them through the functions below.
+run's data and hyper-parameters). `train.py` writes one per stage as
+`<output-dir>/frames<T>/last.pt`; `train.py --resume` and `eval.py` read them with the functions
+below.
 
     save_checkpoint("checkpoints/frames4/last.pt", {...})
     path = latest_checkpoint("checkpoints")      # the newest */last.pt
@@ -14,7 +15,6 @@ import os
 from pathlib import Path
 
 import torch
-
 
 
 def save_checkpoint(path, checkpoint):
@@ -61,7 +61,8 @@ def load_model_state(model, state, source):
     if missing or unexpected or shapes:
         lines = [f"{source} does not fit the model built from its config:"]
         if missing:
-            lines.append(f"  missing from the checkpoint ({len(missing)}): {', '.join(missing[:8])}")
+            lines.append(f"  missing from the checkpoint ({len(missing)}): "
+                         f"{', '.join(missing[:8])}")
         if unexpected:
             lines.append(f"  not in the model ({len(unexpected)}): {', '.join(unexpected[:8])}")
         if shapes:

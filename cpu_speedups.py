@@ -1,7 +1,8 @@
 """Speed-ups of SViTT's training step that change no result: what a CPU run needs to be quick.
 
 The model (`model.py`) reads as the paper's equations; the pieces here do the same arithmetic
-faster or in less memory, and tests hold each to the plain computation (`tests/test_cpu_speedups.py`):
+faster or in less memory, and tests hold each to the plain computation
+(`tests/test_cpu_speedups.py`):
 
 * `Mlp`: the block's Linear -> GELU -> Linear, with GELU recomputed in backward instead of kept
   (on every device: it halves the largest activation of a block once attention is sparse);
@@ -102,7 +103,7 @@ def cpu_dropout(x, p):
 
 
 class Dropout(nn.Dropout):
-    """nn.Dropout with a faster sampler on the CPU, the same distribution up to rounding p to 16 bits.
+    """nn.Dropout with a faster sampler on the CPU: the same distribution, p rounded to 16 bits.
 
     PyTorch's CPU Bernoulli sampler costs ~10 ns a number: a fifth of the tiny preset's training
     step went to the text encoders' dropout masks. One 64-bit random integer (~5 ns) holds four

@@ -1,4 +1,4 @@
-"""Temporal sparse expansion: training stages, edge accounting and position inflation (SViTT Sec. 4, A.1).
+"""Temporal sparse expansion: stages, edge accounting and position inflation (Sec. 4, A.1).
 
 SViTT is trained in stages of growing clip length T and growing sparsity (Fig. 3): a 4-frame
 model is expanded to 8 frames, then 16, each stage with a lower keep rate. This file holds
@@ -19,10 +19,9 @@ class token first, a key ending in ``relative_position_bias_table`` is a table
 Run ``python curriculum.py`` to print every stage with its edges and sparsity.
 """
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
-
 
 # --------------------------------------------------------------------------------------------
 # Stages (Tables 7 and 9) and the curriculum constraints (Eq. 14-16)
@@ -45,9 +44,12 @@ class Stage:
 
 # Table 9, pre-training columns, with the sparsity of Table 7.
 STAGES = {
-    4: Stage(4, 1, 3, 56, 0.7, 0.1, epochs=10, warmup_epochs=1, batch_size=512, lr=3e-5, weight_decay=0.02),
-    8: Stage(8, 1, 3, 56, 0.6, 0.1, epochs=10, warmup_epochs=1, batch_size=336, lr=1e-5, weight_decay=0.02),
-    16: Stage(16, 1, 3, 56, 0.5, 0.1, epochs=10, warmup_epochs=1, batch_size=192, lr=5e-6, weight_decay=0.02),
+    4: Stage(4, 1, 3, 56, 0.7, 0.1, epochs=10, warmup_epochs=1, batch_size=512, lr=3e-5,
+             weight_decay=0.02),
+    8: Stage(8, 1, 3, 56, 0.6, 0.1, epochs=10, warmup_epochs=1, batch_size=336, lr=1e-5,
+             weight_decay=0.02),
+    16: Stage(16, 1, 3, 56, 0.5, 0.1, epochs=10, warmup_epochs=1, batch_size=192, lr=5e-6,
+              weight_decay=0.02),
 }
 
 # The CPU preset (112 px, 7 x 7 patches per frame): G = 14 keeps a block at 2/7 of a frame as
@@ -55,9 +57,12 @@ STAGES = {
 # the synthetic data set is small, so it trains a few epochs at a larger learning rate and a batch
 # that a laptop holds; the learning rate still falls from stage to stage as in Table 9.
 TINY_STAGES = {
-    4: Stage(4, 1, 3, 14, 0.7, 0.1, epochs=4, warmup_epochs=0.2, batch_size=32, lr=5e-4, weight_decay=0.02),
-    8: Stage(8, 1, 3, 14, 0.6, 0.1, epochs=3, warmup_epochs=0.1, batch_size=32, lr=2e-4, weight_decay=0.02),
-    16: Stage(16, 1, 3, 14, 0.5, 0.1, epochs=2, warmup_epochs=0.1, batch_size=16, lr=1e-4, weight_decay=0.02),
+    4: Stage(4, 1, 3, 14, 0.7, 0.1, epochs=4, warmup_epochs=0.2, batch_size=32, lr=5e-4,
+             weight_decay=0.02),
+    8: Stage(8, 1, 3, 14, 0.6, 0.1, epochs=3, warmup_epochs=0.1, batch_size=32, lr=2e-4,
+             weight_decay=0.02),
+    16: Stage(16, 1, 3, 14, 0.5, 0.1, epochs=2, warmup_epochs=0.1, batch_size=16, lr=1e-4,
+              weight_decay=0.02),
 }
 
 
@@ -76,9 +81,11 @@ def check_curriculum(stages):
     """
     for j, (a, b) in enumerate(zip(stages, stages[1:]), start=1):
         if not a.frames < b.frames:  # Eq. 14
-            raise ValueError(f"Eq. 14: stage {j + 1} has T={b.frames}, not more than stage {j}'s {a.frames}")
+            raise ValueError(f"Eq. 14: stage {j + 1} has T={b.frames}, not more than stage {j}'s "
+                             f"{a.frames}")
         if not a.keep_rate_v > b.keep_rate_v:  # Eq. 15
-            raise ValueError(f"Eq. 15: stage {j + 1} keeps q={b.keep_rate_v}, not less than stage {j}'s {a.keep_rate_v}")
+            raise ValueError(f"Eq. 15: stage {j + 1} keeps q={b.keep_rate_v}, not less than stage "
+                             f"{j}'s {a.keep_rate_v}")
         ratio_a = (a.local_blocks + a.random_blocks) / a.frames
         ratio_b = (b.local_blocks + b.random_blocks) / b.frames
         if not ratio_a > ratio_b:  # Eq. 16
@@ -104,9 +111,6 @@ class EdgeCount:
     total: int               # numerator of Eq. 19
     dense: int               # denominator of Eq. 19: L_v N_v^2 + L_m N_t N_v
     sparsity: float          # S of Eq. 19
-
-    def to_dict(self):
-        return asdict(self)
 
 
 def count_edges(frames, local_blocks, random_blocks, block_size, keep_rate_v, keep_rate_m, *,
@@ -156,9 +160,11 @@ def count_edges(frames, local_blocks, random_blocks, block_size, keep_rate_v, ke
 def count_config_edges(config):
     """count_edges for a model config (any object with the fields of model.SViTTConfig)."""
     return count_edges(config.frames, config.local_blocks, config.random_blocks, config.block_size,
-                       config.keep_rate_v, config.keep_rate_m, patches_per_frame=(config.image_size // config.patch_size) ** 2,
+                       config.keep_rate_v, config.keep_rate_m,
+                       patches_per_frame=(config.image_size // config.patch_size) ** 2,
                        text_len=config.text_len, visual_layers=config.vision_layers,
-                       multimodal_layers=config.multimodal_layers, prune_after=tuple(config.prune_after),
+                       multimodal_layers=config.multimodal_layers,
+                       prune_after=tuple(config.prune_after),
                        multimodal_prune_after=config.multimodal_prune_after or None)
 
 
@@ -182,7 +188,8 @@ def resize_pos_embed(pos_embed, old_frames, new_frames):
     The class token's embedding p_cls is kept as it is.
     """
     cls, grid = pos_embed[:, :1], pos_embed[:, 1:]
-    assert grid.shape[1] % old_frames == 0, f"{grid.shape[1]} positions do not split into {old_frames} frames"
+    assert grid.shape[1] % old_frames == 0, \
+        f"{grid.shape[1]} positions do not split into {old_frames} frames"
     grid = grid.reshape(grid.shape[0], old_frames, -1, grid.shape[-1])  # (1, T1, H W, C)
     grid = grid[:, temporal_source(old_frames, new_frames).to(grid.device)]  # (1, T2, H W, C)
     return torch.cat([cls, grid.flatten(1, 2)], dim=1)
@@ -203,7 +210,8 @@ def temporal_offset_source(old_frames, new_frames):
 def resize_relative_bias(table, old_frames, new_frames):
     """Eq. 26-27: table (2 T1 - 1, 2H - 1, 2W - 1, heads) -> (2 T2 - 1, 2H - 1, 2W - 1, heads)."""
     assert table.shape[0] == 2 * old_frames - 1, \
-        f"table has {table.shape[0]} temporal offsets, {old_frames} frames need {2 * old_frames - 1}"
+        f"table has {table.shape[0]} temporal offsets, {old_frames} frames need " \
+        f"{2 * old_frames - 1}"
     return table[temporal_offset_source(old_frames, new_frames).to(table.device)]
 
 
@@ -227,10 +235,11 @@ def expand(state_dict, old_frames, new_frames):
     tables = [r for r in resized if r.endswith("relative_position_bias_table")]
     embeds = [r for r in resized if not r.endswith("relative_position_bias_table")]
     source = temporal_source(old_frames, new_frames).tolist()
-    message = (f"expand {old_frames} -> {new_frames} frames by nearest-neighbour resizing (Eq. 23: new "
-               f"frame t reads old frame {source}): {', '.join(embeds) or 'no absolute embedding'}; "
-               f"{len(tables)} relative position bias tables {2 * old_frames - 1}->{2 * new_frames - 1} "
-               f"temporal offsets (Eq. 26-27); {len(state_dict) - len(resized)} other tensors unchanged")
+    message = (f"expand {old_frames} -> {new_frames} frames by nearest-neighbour resizing (Eq. 23: "
+               f"new frame t reads old frame {source}): "
+               f"{', '.join(embeds) or 'no absolute embedding'}; {len(tables)} relative position "
+               f"bias tables {2 * old_frames - 1}->{2 * new_frames - 1} temporal offsets "
+               f"(Eq. 26-27); {len(state_dict) - len(resized)} other tensors unchanged")
     return out, message
 
 
@@ -243,7 +252,8 @@ if __name__ == "__main__":
             e = count_edges(s.frames, s.local_blocks, s.random_blocks, s.block_size, s.keep_rate_v,
                             s.keep_rate_m, patches_per_frame=196 if preset == "base" else 49,
                             multimodal_prune_after=None)
-            print(f"  T={s.frames:2d} (K_l, K_r, G)=({s.local_blocks}, {s.random_blocks}, {s.block_size}) "
+            print(f"  T={s.frames:2d} (K_l, K_r, G)=({s.local_blocks}, {s.random_blocks}, "
+                  f"{s.block_size}) "
                   f"(q_v, q_m)=({s.keep_rate_v}, {s.keep_rate_m}): {e.total / 1e6:.2f}M edges, "
                   f"S={e.sparsity:.2f}; {s.epochs} epochs, batch {s.batch_size}, lr {s.lr:g}")
     check_curriculum(list(STAGES.values()))

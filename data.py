@@ -70,12 +70,12 @@ class VideoReadError(RuntimeError):
     re-raises it in the main process as a RuntimeError with the same text.)
     """
 
-    def __init__(self, path: str, reason: str):
+    def __init__(self, path, reason):
         super().__init__(path, reason)
         self.path = path
         self.reason = reason
 
-    def __str__(self) -> str:
+    def __str__(self):
         return f"cannot read video {self.path}: {self.reason}"
 
 
@@ -83,14 +83,14 @@ class VideoReadError(RuntimeError):
 # Annotations
 # ---------------------------------------------------------------------------------------------
 
-def _entry_error(name: str, index: int, entry, problem: str) -> AnnotationError:
+def _entry_error(name, index, entry, problem):
     shown = json.dumps(entry, ensure_ascii=False)
     if len(shown) > 200:
         shown = shown[:200] + "..."
     return AnnotationError(f"{name}: entry {index} {shown}: {problem}")
 
 
-def validate_annotation(entries, name: str) -> list[dict]:
+def validate_annotation(entries, name):
     """Check that `entries` is a non-empty list of {"video": str, "caption": str | list[str]}."""
     if not isinstance(entries, list):
         raise AnnotationError(
@@ -114,7 +114,7 @@ def validate_annotation(entries, name: str) -> list[dict]:
     return entries
 
 
-def load_annotation(path) -> list[dict]:
+def load_annotation(path):
     """Read and validate an annotation file; raises AnnotationError naming the file and entry."""
     path = os.fspath(path)
     try:
@@ -133,14 +133,14 @@ def load_annotation(path) -> list[dict]:
 # Text: normalisation, tokenization, MLM masking (Eq. 31)
 # ---------------------------------------------------------------------------------------------
 
-def clean_caption(text: str) -> str:
+def clean_caption(text):
     """Lower-case, turn '-' and '/' into spaces, drop other punctuation, collapse spaces."""
     text = re.sub(r"[-/]", " ", text.lower())
     text = re.sub(r"[^\w\s]", "", text)
     return " ".join(text.split())
 
 
-def tokenize_captions(tokenizer, captions: list[str], text_len: int = 32):
+def tokenize_captions(tokenizer, captions, text_len=32):
     """Clean and tokenize captions: input_ids and attention_mask (B, L), L <= text_len.
 
     Padding goes to the longest caption of the batch rather than to text_len: the encoders take an
@@ -180,7 +180,7 @@ class VideoTextCollate:
     resumed run masks as an unbroken run would. Without a seed, torch's global generator is used.
     """
 
-    def __init__(self, tokenizer, *, text_len: int, mlm_probability: float, seed: int | None):
+    def __init__(self, tokenizer, *, text_len, mlm_probability, seed):
         self.tokenizer = tokenizer
         self.text_len = text_len
         self.mlm_probability = mlm_probability
@@ -189,13 +189,14 @@ class VideoTextCollate:
         self.special_ids = torch.tensor(sorted(special))
         self.random_ids = torch.tensor([i for i in range(len(tokenizer)) if i not in special])
 
-    def _generator(self, items: list[dict]):
+    def _generator(self, items):
         if self.seed is None:
             return None
         entropy = [self.seed] + [item.get("seed", i) for i, item in enumerate(items)]
-        return torch.Generator().manual_seed(int(np.random.SeedSequence(entropy).generate_state(1)[0]))
+        seed = int(np.random.SeedSequence(entropy).generate_state(1)[0])
+        return torch.Generator().manual_seed(seed)
 
-    def __call__(self, items: list[dict]) -> dict:
+    def __call__(self, items):
         captions = [item["caption"] for item in items]
         tokens = tokenize_captions(self.tokenizer, captions, self.text_len)
         mlm_input_ids, mlm_labels = mask_tokens(
@@ -215,8 +216,8 @@ class VideoTextCollate:
         }
 
 
-def make_collate(tokenizer, *, text_len: int = 32, mlm_probability: float = 0.15,
-                 seed: int | None = None) -> VideoTextCollate:
+def make_collate(tokenizer, *, text_len=32, mlm_probability=0.15,
+                 seed=None):
     """The DataLoader collate_fn for VideoTextDataset items (see VideoTextCollate)."""
     return VideoTextCollate(tokenizer, text_len=text_len, mlm_probability=mlm_probability,
                             seed=seed)
@@ -226,8 +227,8 @@ def make_collate(tokenizer, *, text_len: int = 32, mlm_probability: float = 0.15
 # Frames: sampling (Sec. A.3), decoding, crop and normalisation
 # ---------------------------------------------------------------------------------------------
 
-def sample_frame_indices(num_frames_in_clip: int, frames: int, train: bool,
-                         generator=None) -> list[int]:
+def sample_frame_indices(num_frames_in_clip, frames, train,
+                         generator=None):
     """Sparse sampling (Sec. A.3): split the clip into `frames` equal segments, take one frame each.
 
     Training takes a uniformly random frame of each segment, test time the middle one (the lower
@@ -246,7 +247,7 @@ def sample_frame_indices(num_frames_in_clip: int, frames: int, train: bool,
     return [(start + end - 1) // 2 for start, end in zip(edges[:-1], edges[1:])]
 
 
-def open_video(path: str) -> decord.VideoReader:
+def open_video(path):
     """Open a video with decord (one thread), or raise VideoReadError saying why it cannot."""
     if not os.path.exists(path):
         raise VideoReadError(path, "file not found")
@@ -261,7 +262,7 @@ def open_video(path: str) -> decord.VideoReader:
     return reader
 
 
-def read_frames(reader: decord.VideoReader, indices: list[int], path: str) -> np.ndarray:
+def read_frames(reader, indices, path):
     """Decode the frames at `indices`, clamped to the frames that exist: uint8 (T, H, W, 3)."""
     last = len(reader) - 1
     try:
@@ -270,8 +271,8 @@ def read_frames(reader: decord.VideoReader, indices: list[int], path: str) -> np
         raise VideoReadError(path, f"decoding failed ({str(error).splitlines()[0]})") from None
 
 
-def random_resized_crop_box(height: int, width: int, scale=(0.5, 1.0), ratio=(3 / 4, 4 / 3),
-                            generator=None) -> tuple[int, int, int, int]:
+def random_resized_crop_box(height, width, scale=(0.5, 1.0), ratio=(3 / 4, 4 / 3),
+                            generator=None):
     """(top, left, h, w) of a crop covering `scale` of the area with aspect ratio in `ratio`.
 
     The algorithm of torchvision's RandomResizedCrop: ten tries, then a central crop.
@@ -296,8 +297,8 @@ def random_resized_crop_box(height: int, width: int, scale=(0.5, 1.0), ratio=(3 
     return (height - h) // 2, (width - w) // 2, h, w
 
 
-def transform_frames(frames: np.ndarray, *, image_size: int, train: bool,
-                     crop_scale=(0.5, 1.0), generator=None) -> torch.Tensor:
+def transform_frames(frames, *, image_size, train,
+                     crop_scale=(0.5, 1.0), generator=None):
     """uint8 (T, H, W, 3) -> normalised float (T, 3, image_size, image_size).
 
     Training: one random resized crop shared by all frames of the clip (the object must stay the
@@ -336,8 +337,8 @@ class VideoTextDataset(torch.utils.data.Dataset):
             "skipped": list of the unreadable paths replaced before this item was found}.
     """
 
-    def __init__(self, annotation, video_root, *, frames: int, image_size: int, train: bool,
-                 crop_scale=(0.5, 1.0), seed: int = 0):
+    def __init__(self, annotation, video_root, *, frames, image_size, train,
+                 crop_scale=(0.5, 1.0), seed=0):
         assert frames >= 1, f"frames must be at least 1, got {frames}"
         if isinstance(annotation, list):
             self.annotation_name = "annotation list"
@@ -367,23 +368,23 @@ class VideoTextDataset(torch.utils.data.Dataset):
         self._unreadable: dict[str, str] = {}   # this process's known bad files: path -> reason
         self.epoch = 0
 
-    def set_epoch(self, epoch: int) -> None:
+    def set_epoch(self, epoch):
         """Random frames and crops are drawn from (seed, epoch, index): call before each epoch."""
         self.epoch = epoch
 
-    def item_seed(self, index: int, epoch: int | None = None) -> int:
+    def item_seed(self, index, epoch=None):
         """The seed of item `index` in `epoch` (default: the one set_epoch gave): a resumed run
         draws what an unbroken run draws."""
         epoch = self.epoch if epoch is None else epoch
         return int(np.random.SeedSequence([self.seed, epoch, index]).generate_state(1)[0])
 
-    def __len__(self) -> int:
+    def __len__(self):
         return len(self.items)
 
-    def video_path(self, video_id: int) -> str:
+    def video_path(self, video_id):
         return os.path.join(self.video_root, self.videos[video_id])
 
-    def load_clip(self, path: str, generator=None) -> torch.Tensor:
+    def load_clip(self, path, generator=None):
         """Decode, sample and transform one clip: float (T, 3, S, S); VideoReadError if it fails."""
         if path in self._unreadable:
             raise VideoReadError(path, self._unreadable[path])
@@ -393,13 +394,13 @@ class VideoTextDataset(torch.utils.data.Dataset):
         return transform_frames(frames, image_size=self.image_size, train=self.train,
                                 crop_scale=self.crop_scale, generator=generator)
 
-    def replacement_index(self, index: int, attempt: int) -> int:
+    def replacement_index(self, index, attempt):
         """Another item to try when item `index` fails, drawn from the seed, index and attempt."""
         rng = np.random.default_rng([self.seed, index, attempt])
         other = int(rng.integers(len(self) - 1))
         return other + 1 if other >= index else other
 
-    def __getitem__(self, index: int | tuple[int, int]) -> dict:
+    def __getitem__(self, index):
         """index: an item number, or an (epoch, item number) pair. The pair is how a sampler tells
         DataLoader workers that outlive an epoch (persistent_workers) which epoch's frames to draw:
         they keep the dataset as it was when they started, set_epoch included."""
@@ -436,7 +437,7 @@ class VideoTextDataset(torch.utils.data.Dataset):
 # --check: which videos of an annotation can be read
 # ---------------------------------------------------------------------------------------------
 
-def check_video(path: str) -> tuple[int | None, str | None]:
+def check_video(path):
     """(frame count, None) for a readable video, (None, reason) otherwise.
 
     Readable means decord opens it and decodes its first and last frames.
@@ -449,7 +450,7 @@ def check_video(path: str) -> tuple[int | None, str | None]:
     return len(reader), None
 
 
-def check_annotation(annotation_path, video_root, *, workers: int = 1) -> int:
+def check_annotation(annotation_path, video_root, *, workers=1):
     """Print every video of an annotation with its frame count or why it cannot be read.
 
     Returns the number of missing or unreadable videos.

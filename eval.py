@@ -3,9 +3,9 @@
     python eval.py                                   # newest checkpoint, its data's test split
     python eval.py --checkpoint checkpoints/frames8/last.pt --output results.json
     python eval.py --keep-rate-v 0.5 --keep-rate-m 1 # test-time node sparsity (Table 1, Fig. 5)
-    python eval.py --blocks 1 5 14                   # test-time edge sparsity (K_l, K_r, G) (Fig. 4)
+    python eval.py --blocks 1 5 14                   # test-time edge sparsity (K_l, K_r, G), Fig. 4
     python eval.py --dense                           # everything kept, full attention
-    python eval.py --shuffle-frames                  # temporal probing: frames in random order (Table 14)
+    python eval.py --shuffle-frames                  # frames in random order (Table 14)
     python eval.py --sweep keep-rate-v               # recall against q_v, drawn as a PNG (Fig. 5)
     python eval.py --visualize pictures/             # kept patches of a few clips (Figs. 6, 8)
     python eval.py --cost [--preset base]            # Table 2's cost: runs benchmarks/cost.py
@@ -32,23 +32,34 @@ from synthetic import ensure_synthetic
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", default=None, help="checkpoint (default: the newest */last.pt under checkpoints/)")
-    p.add_argument("--checkpoints-dir", default="checkpoints", help="where to look for the newest checkpoint")
-    p.add_argument("--data", default=None, help="test annotation JSON (default: the test split of the training data)")
-    p.add_argument("--video-root", default=None, help="folder the annotation's video paths are relative to")
-    p.add_argument("--k", type=int, default=128, help="videos (texts) per text (video) re-scored by VTM")
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", default=None,
+                   help="checkpoint (default: the newest */last.pt under checkpoints/)")
+    p.add_argument("--checkpoints-dir", default="checkpoints",
+                   help="where to look for the newest checkpoint")
+    p.add_argument("--data", default=None,
+                   help="test annotation JSON (default: the test split of the training data)")
+    p.add_argument("--video-root", default=None,
+                   help="folder the annotation's video paths are relative to")
+    p.add_argument("--k", type=int, default=128,
+                   help="videos (texts) per text (video) re-scored by VTM")
     p.add_argument("--output", default=None, help="write the results as JSON here")
-    p.add_argument("--keep-rate-v", type=float, default=None, help="override q_v (visual keep rate)")
-    p.add_argument("--keep-rate-m", type=float, default=None, help="override q_m (cross-modal keep rate)")
+    p.add_argument("--keep-rate-v", type=float, default=None,
+                   help="override q_v (visual keep rate)")
+    p.add_argument("--keep-rate-m", type=float, default=None,
+                   help="override q_m (cross-modal keep rate)")
     p.add_argument("--blocks", type=int, nargs=3, default=None, metavar=("K_l", "K_r", "G"),
                    help="override the attention blocks")
     p.add_argument("--dense", action="store_true", help="dense attention and every token kept")
-    p.add_argument("--shuffle-frames", action="store_true", help="also evaluate with frames in a random order")
+    p.add_argument("--shuffle-frames", action="store_true",
+                   help="also evaluate with frames in a random order")
     p.add_argument("--sweep", choices=["keep-rate-v", "keep-rate-m"], default=None,
                    help="evaluate a list of keep rates and draw recall against keep rate")
-    p.add_argument("--sweep-values", type=float, nargs="+", default=[1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4])
-    p.add_argument("--visualize", default=None, metavar="DIR", help="write PNGs of the kept patches of a few clips")
+    p.add_argument("--sweep-values", type=float, nargs="+", default=[1.0, 0.9, 0.8, 0.7, 0.6, 0.5,
+                                                                     0.4])
+    p.add_argument("--visualize", default=None, metavar="DIR",
+                   help="write PNGs of the kept patches of a few clips")
     p.add_argument("--num-pictures", type=int, default=4)
     p.add_argument("--cost", action="store_true", help="print the cost table (Table 2) and exit")
     p.add_argument("--preset", default="base", choices=["base", "tiny"], help="preset of --cost")
@@ -56,7 +67,8 @@ def parse_args(argv=None):
                    help="preset whose step time --cost measures on the device (none: skip)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--seed", type=int, default=0, help="seed of the random attention blocks and of --shuffle-frames")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the random attention blocks and of --shuffle-frames")
     p.add_argument("--device", default=None)
     return p.parse_args(argv)
 
@@ -74,7 +86,8 @@ def sparsity_overrides(config, *, keep_rate_v=None, keep_rate_m=None, blocks=Non
     if keep_rate_m is not None:
         config = replace(config, keep_rate_m=keep_rate_m)
     if blocks is not None:
-        config = replace(config, local_blocks=blocks[0], random_blocks=blocks[1], block_size=blocks[2])
+        config = replace(config, local_blocks=blocks[0], random_blocks=blocks[1],
+                         block_size=blocks[2])
     return config
 
 
@@ -98,7 +111,8 @@ def test_split(args, run):
     if not run.get("data"):  # trained on the synthetic data set
         paths = ensure_synthetic()
         return paths["test"], paths["video_root"]
-    raise SystemExit(f"the checkpoint was trained on {run['data']} without a test split: pass --data and --video-root")
+    raise SystemExit(f"the checkpoint was trained on {run['data']} without a test split: pass "
+                     f"--data and --video-root")
 
 
 def shuffled_order(frames, seed, index):
@@ -113,13 +127,15 @@ def shuffled_order(frames, seed, index):
 @torch.no_grad()
 def extract(model, dataset, tokenizer, device, *, batch_size, workers, seed, shuffle_frames=False):
     """Video tokens and features of every test video, text states and features of every caption."""
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=list)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers,
+                                         collate_fn=list)
     generator = torch.Generator(device).manual_seed(seed)  # the random attention blocks
     tokens, indices, video_feats, seen = [], [], [], 0
     for items in loader:
         video = torch.stack([item["video"] for item in items])  # (B, T, 3, S, S)
         if shuffle_frames:  # Table 14: the same clips with frames out of order
-            video = torch.stack([v[shuffled_order(v.shape[0], seed, seen + i)] for i, v in enumerate(video)])
+            video = torch.stack([v[shuffled_order(v.shape[0], seed,
+                                                  seen + i)] for i, v in enumerate(video)])
         seen += len(items)
         tok, index, feat = model.encode_video(video.to(device), generator)
         tokens.append(tok.cpu())
@@ -146,7 +162,8 @@ def vtm_scores(model, feats, pairs, device, batch_size=256):
     scores = []
     for start in range(0, len(pairs), batch_size):
         t, v = pairs[start:start + batch_size].T
-        logits = model.match_logits(feats["text_states"][t].to(device), feats["text_mask"][t].to(device),
+        logits = model.match_logits(feats["text_states"][t].to(device),
+                                    feats["text_mask"][t].to(device),
                                     feats["video_tokens"][v].to(device))
         scores.append(logits.float().log_softmax(-1)[:, 1].cpu())
     return torch.cat(scores) if scores else torch.zeros(0)
@@ -185,14 +202,17 @@ def retrieval_metrics(t2v, v2t, text_video):
     metrics = {}
     for name, rank in (("t2v", t2v_rank), ("v2t", v2t_rank)):
         recalls = [100.0 * (rank < r).float().mean().item() for r in (1, 5, 10)]
-        metrics.update({f"{name}_R@1": recalls[0], f"{name}_R@5": recalls[1], f"{name}_R@10": recalls[2],
+        metrics.update({f"{name}_R@1": recalls[0], f"{name}_R@5": recalls[1],
+                        f"{name}_R@10": recalls[2],
                         f"{name}_mean": sum(recalls) / 3})
     return metrics
 
 
-def evaluate(model, dataset, tokenizer, device, *, k, batch_size, workers, seed, shuffle_frames=False):
+def evaluate(model, dataset, tokenizer, device, *, k, batch_size, workers, seed,
+             shuffle_frames=False):
     """VTC-only and VTM re-ranked retrieval metrics."""
-    feats = extract(model, dataset, tokenizer, device, batch_size=batch_size, workers=workers, seed=seed,
+    feats = extract(model, dataset, tokenizer, device, batch_size=batch_size, workers=workers,
+                    seed=seed,
                     shuffle_frames=shuffle_frames)
     sim = feats["text_feat"] @ feats["video_feat"].T  # (texts, videos), VTC (Eq. 29)
     t2v, v2t = rerank(model, feats, sim, k, device)
@@ -201,7 +221,8 @@ def evaluate(model, dataset, tokenizer, device, *, k, batch_size, workers, seed,
 
 
 def print_metrics(title, results):
-    names = ["t2v_R@1", "t2v_R@5", "t2v_R@10", "t2v_mean", "v2t_R@1", "v2t_R@5", "v2t_R@10", "v2t_mean"]
+    names = ["t2v_R@1", "t2v_R@5", "t2v_R@10", "t2v_mean", "v2t_R@1", "v2t_R@5", "v2t_R@10",
+             "v2t_mean"]
     print(title)
     print(f"{'':12}" + "".join(f"{n:>10}" for n in names))
     for ranking, metrics in results.items():
@@ -219,7 +240,8 @@ def draw_sweep(values, results, name, path):
     fig, ax = plt.subplots(figsize=(5, 3.5))
     for metric in ("t2v_R@1", "t2v_R@5", "t2v_mean"):
         ax.plot(values, [r["vtm"][metric] for r in results], marker="o", label=metric)
-    ax.set_xlabel({"keep-rate-v": "visual keep rate q_v", "keep-rate-m": "cross-modal keep rate q_m"}[name])
+    ax.set_xlabel({"keep-rate-v": "visual keep rate q_v",
+                   "keep-rate-m": "cross-modal keep rate q_m"}[name])
     ax.set_ylabel("recall (%)")
     ax.invert_xaxis()
     ax.legend()
@@ -239,7 +261,9 @@ def visualize(model, dataset, tokenizer, device, folder, *, count, seed):
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     config = model.config
-    mean, std = torch.tensor(data.IMAGENET_MEAN).view(3, 1, 1), torch.tensor(data.IMAGENET_STD).view(3, 1, 1)
+    mean, std = torch.tensor(data.IMAGENET_MEAN).view(3, 1,
+                                                      1), torch.tensor(data.IMAGENET_STD).view(3,
+                                                                                               1, 1)
     generator = torch.Generator(device).manual_seed(seed)
     written = []
     for i in range(min(count, len(dataset))):
@@ -247,7 +271,8 @@ def visualize(model, dataset, tokenizer, device, folder, *, count, seed):
         video = item["video"][None].to(device)
         tokens, index, _ = model.encode_video(video, generator)
         text = data.tokenize_captions(tokenizer, [item["caption"]], config.text_len)
-        states, _ = model.encode_text(text["input_ids"].to(device), text["attention_mask"].to(device))
+        states, _ = model.encode_text(text["input_ids"].to(device),
+                                      text["attention_mask"].to(device))
         _, kept = model.fuse(states, text["attention_mask"].to(device), tokens, return_kept=True)
         visual = index[0, 1:].cpu() - 1  # regional token numbers kept by visual pruning
         multimodal = index[0].gather(0, kept[0]).cpu()
@@ -263,7 +288,8 @@ def visualize(model, dataset, tokenizer, device, folder, *, count, seed):
             for t in range(T):
                 axes[row, t].imshow(shown[t].permute(1, 2, 0).numpy())
                 axes[row, t].axis("off")
-            axes[row, 0].set_title(["visual pruning (kept lit)", "cross-modal pruning (kept lit)"][row],
+            axes[row, 0].set_title(["visual pruning (kept lit)",
+                                    "cross-modal pruning (kept lit)"][row],
                                    fontsize=7, loc="left")
         fig.suptitle(item["caption"], fontsize=8)
         fig.tight_layout()
@@ -281,27 +307,36 @@ def main(argv=None):
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.cost:  # the cost table lives with the benchmarks
         from benchmarks import cost
-        return cost.main(["--preset", args.preset, "--timing-preset", args.timing_preset, "--device",
+        return cost.main(["--preset", args.preset, "--timing-preset", args.timing_preset,
+                          "--device",
                           str(device)] + (["--output", args.output] if args.output else []))
 
-    checkpoint = Path(args.checkpoint) if args.checkpoint else latest_checkpoint(args.checkpoints_dir)
-    overrides = dict(keep_rate_v=args.keep_rate_v, keep_rate_m=args.keep_rate_m, blocks=args.blocks, dense=args.dense)
+    if args.checkpoint:
+        checkpoint = Path(args.checkpoint)
+    else:
+        checkpoint = latest_checkpoint(args.checkpoints_dir)
+    overrides = dict(keep_rate_v=args.keep_rate_v, keep_rate_m=args.keep_rate_m,
+                     blocks=args.blocks, dense=args.dense)
     model, config, run = load_model(checkpoint, device, **overrides)
     annotation, video_root = test_split(args, run)
-    dataset = data.VideoTextDataset(annotation, video_root, frames=config.frames, image_size=config.image_size,
+    dataset = data.VideoTextDataset(annotation, video_root, frames=config.frames,
+                                    image_size=config.image_size,
                                     train=False)
     tokenizer = data.default_tokenizer(text_model_path(config.text_model))
     common = dict(k=args.k, batch_size=args.batch_size, workers=args.workers, seed=args.seed)
     edges = curriculum.count_config_edges(config)
-    result = {"checkpoint": str(checkpoint), "split": str(annotation), "videos": len(dataset.videos),
+    result = {"checkpoint": str(checkpoint), "split": str(annotation),
+              "videos": len(dataset.videos),
               "captions": len(dataset.captions), "k": args.k,
               "sparsity": {"frames": config.frames, "block_size": config.block_size,
-                           "local_blocks": config.local_blocks, "random_blocks": config.random_blocks,
+                           "local_blocks": config.local_blocks,
+                           "random_blocks": config.random_blocks,
                            "keep_rate_v": config.keep_rate_v, "keep_rate_m": config.keep_rate_m,
                            "edges": edges.total, "dense_edges": edges.dense, "S": edges.sparsity}}
-    print(f"{checkpoint}: T={config.frames}, (K_l, K_r, G)=({config.local_blocks}, {config.random_blocks}, "
-          f"{config.block_size}), (q_v, q_m)=({config.keep_rate_v}, {config.keep_rate_m}), {edges.total / 1e6:.3f}M "
-          f"edges, S={edges.sparsity:.2f}; {annotation}: {len(dataset.videos)} videos, {len(dataset.captions)} captions")
+    print(f"{checkpoint}: T={config.frames}, (K_l, K_r, G)=({config.local_blocks}, "
+          f"{config.random_blocks}, {config.block_size}), (q_v, q_m)=({config.keep_rate_v}, "
+          f"{config.keep_rate_m}), {edges.total / 1e6:.3f}M edges, S={edges.sparsity:.2f}; "
+          f"{annotation}: {len(dataset.videos)} videos, {len(dataset.captions)} captions")
 
     if args.sweep:
         values, results = args.sweep_values, []
@@ -310,19 +345,23 @@ def main(argv=None):
             swept, _, _ = load_model(checkpoint, device, **{**overrides, key: value})
             results.append(evaluate(swept, dataset, tokenizer, device, **common))
             print_metrics(f"{args.sweep} = {value}", results[-1])
-        png = Path(args.output or checkpoint.with_name("retrieval.json")).with_name(f"sweep_{args.sweep}.png")
+        json_path = Path(args.output or checkpoint.with_name("retrieval.json"))
+        png = json_path.with_name(f"sweep_{args.sweep}.png")
         draw_sweep(values, results, args.sweep, png)
-        result["sweep"] = {"name": args.sweep, "values": values, "results": results, "png": str(png)}
+        result["sweep"] = {"name": args.sweep, "values": values, "results": results,
+                           "png": str(png)}
         print(f"wrote {png}")
     else:
         result.update(evaluate(model, dataset, tokenizer, device, **common))
-        print_metrics(f"zero-shot retrieval, {len(dataset.captions)} captions x {len(dataset.videos)} videos "
-                      f"(VTC; VTM re-ranking of the top {args.k})", {"vtc": result["vtc"], "vtm": result["vtm"]})
+        print_metrics(f"zero-shot retrieval, {len(dataset.captions)} captions x "
+                      f"{len(dataset.videos)} videos "
+                      f"(VTC; VTM re-ranking of the top {args.k})", {"vtc": result["vtc"],
+                                                                     "vtm": result["vtm"]})
         if args.shuffle_frames:
             shuffled = evaluate(model, dataset, tokenizer, device, shuffle_frames=True, **common)
             result["shuffled"] = shuffled
-            result["shuffle_difference"] = {r: {m: result[r][m] - shuffled[r][m] for m in shuffled[r]}
-                                            for r in shuffled}
+            result["shuffle_difference"] = {
+                r: {m: result[r][m] - shuffled[r][m] for m in shuffled[r]} for r in shuffled}
             print_metrics("frames shuffled (Table 14)", shuffled)
             print_metrics("normal - shuffled", result["shuffle_difference"])
     if args.visualize:

@@ -15,7 +15,7 @@ Three encoders and three losses:
 
 Usage::
 
-    config = preset("tiny", frames=4)              # or preset("base", frames=8, beit_checkpoint=...)
+    config = preset("tiny", frames=4)    # or preset("base", frames=8, beit_checkpoint=...)
     model = SViTT(config)
     out = model(batch)                              # batch from data.make_collate
     out["loss"].backward()
@@ -39,7 +39,6 @@ from cpu_speedups import Dropout, Mlp, attention_with_dropout
 from pretrained import load_beit, load_bert, load_bert_layer
 from sparse_attention import SparseSelfAttention
 from token_pruning import class_attention_scores, keep_tokens, text_to_video_scores
-
 
 # --------------------------------------------------------------------------------------------
 # Configuration and presets
@@ -65,7 +64,8 @@ class SViTTConfig:
     random_blocks: int = 3             # K_r
     # node sparsity (Sec. 3.3)
     keep_rate_v: float = 0.7           # q_v
-    prune_after: list = field(default_factory=lambda: [4, 7, 10])  # visual layers (1-based) that prune
+    # visual layers (1-based) that prune
+    prune_after: list = field(default_factory=lambda: [4, 7, 10])
     keep_rate_m: float = 0.1           # q_m
     multimodal_prune_after: int = 1    # multimodal layer (1-based) after which q_m prunes; 0: never
     # text and multimodal encoders (BERT)
@@ -81,7 +81,8 @@ class SViTTConfig:
     embed_dim: int = 256               # joint space of VTC
     temperature: float = 0.07          # initial tau of Eq. 29 (learned)
     hard_negatives: bool = True        # VTM negatives drawn by VTC similarity (Singularity, ALBEF)
-    beit_checkpoint: str = ""          # transformers BEiT folder to initialise f_v from ("" = random)
+    # transformers BEiT folder to initialise f_v from ("" = random)
+    beit_checkpoint: str = ""
 
     @property
     def grid(self):
@@ -114,9 +115,11 @@ def preset(name, **overrides):
         # all-MiniLM-L6-v2 was trained with mean pooling: its class token barely depends on the
         # caption (cosine 0.9999 between captions), so VTC would start from a constant text feature
         # trained from scratch in minutes: LayerScale's 0.1 start slows that start, so it is off
-        # VTM negatives drawn uniformly (Eq. 30): once VTC knows colours and shapes, similarity picks
+        # VTM negatives drawn uniformly (Eq. 30): once VTC knows colours and shapes, similarity
+        # picks
         # the same scene played backwards, which a few minutes of training cannot yet tell apart
-        config = SViTTConfig(preset="tiny", text_pooling="mean", layer_scale=0.0, hard_negatives=False)
+        config = SViTTConfig(preset="tiny", text_pooling="mean", layer_scale=0.0,
+                             hard_negatives=False)
     else:
         raise ValueError(f"unknown preset {name!r}: choose 'base' or 'tiny'")
     return replace(config, **overrides)
@@ -140,7 +143,8 @@ class RelativePositionBias(nn.Module):
     def __init__(self, frames, grid, heads):
         super().__init__()
         self.frames, self.grid = frames, grid
-        self.relative_position_bias_table = nn.Parameter(torch.zeros(2 * frames - 1, 2 * grid - 1, 2 * grid - 1, heads))
+        self.relative_position_bias_table = nn.Parameter(torch.zeros(2 * frames - 1, 2 * grid - 1,
+                                                                     2 * grid - 1, heads))
         self.cls_bias = nn.Parameter(torch.zeros(3, heads))  # cls->token, token->cls, cls->cls
 
     def bias(self, index):
@@ -148,11 +152,13 @@ class RelativePositionBias(nn.Module):
         (1, L) while no token has been pruned, so one bias serves the whole batch."""
         T, S = self.frames, self.grid
         # one flat table: the (t, h, w) offsets, then the three class-token entries
-        table = torch.cat([self.relative_position_bias_table.flatten(0, 2), self.cls_bias])  # (P + 3, heads)
+        # (P + 3, heads)
+        table = torch.cat([self.relative_position_bias_table.flatten(0, 2), self.cls_bias])
         P = table.shape[0] - 3
 
         def lookup(query_pos, key_pos):
-            q, k = index[:, query_pos] - 1, index[:, key_pos] - 1  # (B, ...) regional numbers, -1 = class
+            # (B, ...) regional numbers, -1 = class
+            q, k = index[:, query_pos] - 1, index[:, key_pos] - 1
             # (t, h, w) of regional token i: i = (t S + h) S + w; Eq. 26 offsets, shifted to >= 0
             dt = q // (S * S) - k // (S * S) + T - 1
             dh = (q // S) % S - (k // S) % S + S - 1
@@ -162,7 +168,8 @@ class RelativePositionBias(nn.Module):
             flat = torch.where(q_cls, P, torch.where(k_cls, P + 1, flat))
             flat = torch.where(q_cls & k_cls, P + 2, flat)
             # index_select, not F.embedding: its backward adds rows without sorting the indices
-            return table.index_select(0, flat.flatten()).view(*flat.shape, -1).movedim(-1, 1)  # (B, heads, ...)
+            # (B, heads, ...)
+            return table.index_select(0, flat.flatten()).view(*flat.shape, -1).movedim(-1, 1)
         return lookup
 
 
@@ -173,15 +180,18 @@ class VisionBlock(nn.Module):
         super().__init__()
         d = config.vision_width
         self.norm1 = nn.LayerNorm(d, eps=1e-12)
-        self.attn = SparseSelfAttention(dim=d, num_heads=config.vision_heads, block_size=config.block_size,
-                                        local_blocks=config.local_blocks, random_blocks=config.random_blocks)
+        self.attn = SparseSelfAttention(dim=d, num_heads=config.vision_heads,
+                                        block_size=config.block_size,
+                                        local_blocks=config.local_blocks,
+                                        random_blocks=config.random_blocks)
         self.norm2 = nn.LayerNorm(d, eps=1e-12)
         hidden = int(d * config.mlp_ratio)
         self.mlp = Mlp(d, hidden)  # Linear -> GELU -> Linear, GELU recomputed in backward
         scale = config.layer_scale if config.layer_scale > 0 else 1.0
         self.lambda_1 = nn.Parameter(torch.full((d,), scale), requires_grad=config.layer_scale > 0)
         self.lambda_2 = nn.Parameter(torch.full((d,), scale), requires_grad=config.layer_scale > 0)
-        self.rel_pos = RelativePositionBias(config.frames, config.grid, config.vision_heads) if config.rel_pos_bias else None
+        self.rel_pos = RelativePositionBias(config.frames, config.grid,
+                                            config.vision_heads) if config.rel_pos_bias else None
 
     def forward(self, x, index, generator=None):
         bias = self.rel_pos.bias(index) if self.rel_pos is not None else None
@@ -201,7 +211,8 @@ class VideoEncoder(nn.Module):
         self.patch_embed = nn.Conv2d(3, d, kernel_size=config.patch_size, stride=config.patch_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, d))
         # Eq. 21: P' (1 + T H W, d); used only when abs_pos_embed is set
-        self.pos_embed = nn.Parameter(torch.zeros(1, config.num_tokens, d)) if config.abs_pos_embed else None
+        self.pos_embed = nn.Parameter(torch.zeros(1, config.num_tokens,
+                                                  d)) if config.abs_pos_embed else None
         self.blocks = nn.ModuleList(VisionBlock(config) for _ in range(config.vision_layers))
         self.norm = nn.LayerNorm(d, eps=1e-12)
         nn.init.trunc_normal_(self.cls_token, std=0.02)
@@ -211,13 +222,15 @@ class VideoEncoder(nn.Module):
     def forward(self, video, generator=None, record=None):
         """video (B, T, 3, S, S) -> tokens (B, 1 + N', d) and their original numbers (B, 1 + N')."""
         B, T = video.shape[:2]
-        assert T == self.config.frames, f"the model takes {self.config.frames} frames, the clip has {T}"
+        assert T == self.config.frames, \
+            f"the model takes {self.config.frames} frames, the clip has {T}"
         x = self.patch_embed(rearrange(video, "b t c h w -> (b t) c h w"))  # (B T, d, H', W')
         x = rearrange(x, "(b t) d h w -> b (t h w) d", b=B)  # Eq. 1: time-major flattening
         x = torch.cat([self.cls_token.expand(B, -1, -1), x], dim=1)  # (B, 1 + N, d)
         if self.pos_embed is not None:
             x = x + self.pos_embed
-        index = torch.arange(x.shape[1], device=x.device)[None]  # (1, 1 + N): the same for every clip until pruned
+        # (1, 1 + N): the same for every clip until pruned
+        index = torch.arange(x.shape[1], device=x.device)[None]
         for layer, block in enumerate(self.blocks, start=1):
             tokens = x.shape[1]
             x, cls_attn, edges = block(x, index, generator)  # Eq. 2-9
@@ -242,13 +255,15 @@ class BertAttention(nn.Module):
         super().__init__()
         kv_width = kv_width or width
         self.heads = heads
-        self.query, self.key, self.value = nn.Linear(width, width), nn.Linear(kv_width, width), nn.Linear(kv_width, width)
+        self.query = nn.Linear(width, width)
+        self.key, self.value = nn.Linear(kv_width, width), nn.Linear(kv_width, width)
         self.dense = nn.Linear(width, width)
         self.norm = nn.LayerNorm(width, eps=eps)
         self.dropout = Dropout(dropout)
 
     def forward(self, x, context=None, mask=None, return_probs=False):
-        """x (B, L, C); context (B, M, C_kv) or None (self-attention); mask additive (B, 1, 1, M)."""
+        """x (B, L, C); context (B, M, C_kv) or None (self-attention); mask additive
+        (B, 1, 1, M)."""
         context = x if context is None else context
         q = rearrange(self.query(x), "b l (h d) -> b h l d", h=self.heads)
         k = rearrange(self.key(context), "b m (h d) -> b h m d", h=self.heads)
@@ -270,10 +285,12 @@ class BertBlock(nn.Module):
 
     def __init__(self, text_config, video_width=None):
         super().__init__()
-        w, h, eps = text_config["hidden_size"], text_config["num_attention_heads"], text_config["layer_norm_eps"]
+        w, h = text_config["hidden_size"], text_config["num_attention_heads"]
+        eps = text_config["layer_norm_eps"]
         p = text_config["attention_probs_dropout_prob"]
         self.attention = BertAttention(w, h, eps=eps, dropout=p)
-        self.crossattention = BertAttention(w, h, kv_width=video_width, eps=eps, dropout=p) if video_width else None
+        self.crossattention = BertAttention(w, h, kv_width=video_width, eps=eps,
+                                            dropout=p) if video_width else None
         self.intermediate = nn.Linear(w, text_config["intermediate_size"])
         self.output = nn.Linear(text_config["intermediate_size"], w)
         self.output_norm = nn.LayerNorm(w, eps=eps)
@@ -305,23 +322,25 @@ class SViTT(nn.Module):
         bert = load_bert(config, pretrained)
         text_config = bert.config.to_dict()
         assert config.text_layers + config.multimodal_layers <= text_config["num_hidden_layers"], \
-            f"{config.text_model} has {text_config['num_hidden_layers']} layers, the config asks for " \
-            f"{config.text_layers} text + {config.multimodal_layers} multimodal"
+            f"{config.text_model} has {text_config['num_hidden_layers']} layers, the config asks " \
+            f"for {config.text_layers} text + {config.multimodal_layers} multimodal"
         config.text_config = {k: text_config[k] for k in (
-            "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
-            "max_position_embeddings", "type_vocab_size", "layer_norm_eps", "hidden_dropout_prob",
-            "attention_probs_dropout_prob", "pad_token_id")}
+            "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+            "intermediate_size", "max_position_embeddings", "type_vocab_size", "layer_norm_eps",
+            "hidden_dropout_prob", "attention_probs_dropout_prob", "pad_token_id")}
         self.config = config
 
         self.video_encoder = VideoEncoder(config)
         self.embeddings = bert.bert.embeddings  # BERT's word, position and type embeddings
         self.embeddings.dropout = Dropout(self.embeddings.dropout.p)
         self.text_layers = nn.ModuleList(BertBlock(text_config) for _ in range(config.text_layers))
-        self.multimodal_layers = nn.ModuleList(BertBlock(text_config, video_width=config.vision_width)
+        self.multimodal_layers = nn.ModuleList(BertBlock(text_config,
+                                                         video_width=config.vision_width)
                                                for _ in range(config.multimodal_layers))
         self.mlm_head = bert.cls  # BERT's MLM head, decoder tied to the word embeddings (Eq. 31)
         width = text_config["hidden_size"]
-        self.vision_proj = nn.Linear(config.vision_width, config.embed_dim)  # VTC projections (Eq. 28)
+        # VTC projections (Eq. 28)
+        self.vision_proj = nn.Linear(config.vision_width, config.embed_dim)
         self.text_proj = nn.Linear(width, config.embed_dim)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / config.temperature)))  # 1 / tau
         self.vtm_head = nn.Linear(width, 2)  # Eq. 30
@@ -336,12 +355,14 @@ class SViTT(nn.Module):
 
     # ---- encoders ------------------------------------------------------------------------
     def encode_video(self, video, generator=None, record=None):
-        """-> tokens (B, 1 + N', d), their original numbers (B, 1 + N'), normalised features (B, e)."""
+        """-> tokens (B, 1 + N', d), their original numbers (B, 1 + N'), normalised features
+        (B, e)."""
         tokens, index = self.video_encoder(video, generator, record)
         return tokens, index, F.normalize(self.vision_proj(tokens[:, 0]), dim=-1)
 
     def encode_text(self, input_ids, attention_mask):
-        """f_t -> hidden states (B, L, C) and normalised features (B, e) of the class token (Eq. 28)."""
+        """f_t -> hidden states (B, L, C) and normalised features (B, e) of the class token
+        (Eq. 28)."""
         x = self.embeddings(input_ids=input_ids)
         mask = extended_mask(attention_mask, x.dtype)
         for layer in self.text_layers:
@@ -369,10 +390,12 @@ class SViTT(nn.Module):
                 record["multimodal"].append(video.shape[1] * text.shape[1])  # Eq. 18
             x, probs = layer(x, mask, video=video, return_probs=prune)
             if prune:
-                if self.config.text_pooling == "mean":  # the caption's mean query stands in for its class token
+                # the caption's mean query stands in for its class token
+                if self.config.text_pooling == "mean":
                     weights = attention_mask[:, None, :, None].to(probs.dtype)
                     probs = (probs * weights).sum(2, keepdim=True) / weights.sum(2, keepdim=True)
-                video, kept = keep_tokens(video, text_to_video_scores(probs), self.config.keep_rate_m)
+                video, kept = keep_tokens(video, text_to_video_scores(probs),
+                                          self.config.keep_rate_m)
         return (x, kept) if return_kept else x
 
     def match_logits(self, text, attention_mask, video):
@@ -391,7 +414,8 @@ class SViTT(nn.Module):
         text, text_feat = self.encode_text(batch["input_ids"], batch["attention_mask"])
 
         # VTC (Eq. 28-29), with the features of all ranks under torch.distributed
-        all_video, all_text, all_ids = gather_all(video_feat), gather_all(text_feat), gather_all(batch["video_id"])
+        all_video, all_text = gather_all(video_feat), gather_all(text_feat)
+        all_ids = gather_all(batch["video_id"])
         scale = self.logit_scale.clamp(max=math.log(100)).exp()
         sim_v2t = video_feat @ all_text.T * scale  # (B, B_all)
         sim_t2v = text_feat @ all_video.T * scale
@@ -411,14 +435,16 @@ class SViTT(nn.Module):
                 weights = (video_feat @ text_feat.T * scale).softmax(1)
             else:  # drawn uniformly, as Eq. 30 states
                 weights = torch.ones_like(same_video, dtype=video_feat.dtype)
-            # never the clip's own caption nor another caption of its video, unless nothing else is there
+            # never the clip's own caption nor another caption of its video, unless nothing else is
+            # there
             fallback = 1e-12 * ~torch.eye(B, dtype=torch.bool, device=same_video.device)
             negative = torch.multinomial(weights.masked_fill(same_video, 0) + fallback, 1)[:, 0]
         mask = batch["attention_mask"]
         fused = self.fuse(torch.cat([text, text[negative]]), torch.cat([mask, mask[negative]]),
                           torch.cat([video_tokens, video_tokens]), record)
         vtm_labels = torch.cat([torch.ones(B), torch.zeros(B)]).long().to(fused.device)
-        loss_vtm = F.cross_entropy(self.vtm_head(self.pool(fused, torch.cat([mask, mask[negative]]))), vtm_labels)
+        pooled = self.pool(fused, torch.cat([mask, mask[negative]]))
+        loss_vtm = F.cross_entropy(self.vtm_head(pooled), vtm_labels)
 
         # MLM (Eq. 31): masked captions through f_t and f_m with the clip, BERT's MLM head. The
         # head's vocabulary-sized output is computed at the masked positions J only.
@@ -428,7 +454,8 @@ class SViTT(nn.Module):
         selected = labels != -100  # (B, L), the set J
         if selected.any():
             logits = self.mlm_head(hidden[selected]).float()  # (|J|, vocabulary)
-            # the labels' device: the cost counter runs the model on the meta device with real labels
+            # the labels' device: the cost counter runs the model on the meta device with real
+            # labels
             loss_mlm = F.cross_entropy(logits, labels[selected].to(logits.device))
         else:  # a batch with no masked token: no MLM signal, but keep the graph whole
             loss_mlm = hidden.sum() * 0.0
@@ -439,7 +466,8 @@ class SViTT(nn.Module):
 
 
 def gather_all(x):
-    """All ranks' x concatenated, with gradients to the local part; x itself when not distributed."""
+    """All ranks' x concatenated, with gradients to the local part; x itself when not
+    distributed."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return x
     if x.requires_grad:

@@ -1,4 +1,4 @@
-"""Pretrained weights for SViTT: BERT for the text and multimodal encoders, BEiT for the video encoder.
+"""Pretrained weights: BERT for SViTT's text and multimodal encoders, BEiT for its video encoder.
 
 SViTT starts from image-text models (Sec. 5.1, A.3): f_t and f_m from the layers of a BERT, f_v
 from a BEiT whose 2D position embedding and relative position bias are inflated to T frames by
@@ -146,6 +146,7 @@ def load_beit(video_encoder, path):
         final = ("layernorm" if "layernorm.weight" in sd
                  else "pooler.layernorm" if "pooler.layernorm.weight" in sd else None)
         if final:
-            ours.norm.load_state_dict({"weight": sd[f"{final}.weight"], "bias": sd[f"{final}.bias"]})
+            ours.norm.load_state_dict({"weight": sd[f"{final}.weight"],
+                                       "bias": sd[f"{final}.bias"]})
             loaded.append("final norm")
     return loaded

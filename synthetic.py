@@ -70,32 +70,32 @@ class Event:
     end: tuple[int, int]
 
     @property
-    def direction(self) -> str:
+    def direction(self):
         dy, dx = self.end[0] - self.start[0], self.end[1] - self.start[1]
         return next(name for name, (uy, ux) in DIRECTIONS.items()
                     if (uy, ux) == (int(np.sign(dy)), int(np.sign(dx))))
 
-    def text(self) -> str:
+    def text(self):
         return f"a {self.colour} {self.shape} moves {self.direction}"
 
 
-def synthetic_caption(events: tuple[Event, ...]) -> str:
+def synthetic_caption(events):
     """'a red square moves up, then a blue circle moves left': the events in time order."""
     return ", then ".join(event.text() for event in events)
 
 
-def reverse_events(events: tuple[Event, ...]) -> tuple[Event, ...]:
+def reverse_events(events):
     """The events of the time-reversed clip: the other order, each from its end to its start."""
     return tuple(Event(e.colour, e.shape, e.end, e.start) for e in reversed(events))
 
 
-def scene_clips(events: tuple[Event, Event]) -> list[tuple[Event, ...]]:
+def scene_clips(events):
     """The four clips of a scene: the clip, its reversal, the events swapped, that reversed."""
     swapped = (events[1], events[0])
     return [events, reverse_events(events), swapped, reverse_events(swapped)]
 
 
-def synthetic_geometry(size: int, num_frames: int) -> tuple[int, int]:
+def synthetic_geometry(size, num_frames):
     """(object size, step in px per frame) so that an object moves 0.45 * size in half the clip.
 
     The step is a whole number of pixels: the positions of a clip read backwards are exactly the
@@ -109,7 +109,7 @@ def synthetic_geometry(size: int, num_frames: int) -> tuple[int, int]:
     return object_size, step
 
 
-def shape_mask(shape: str, size: int) -> np.ndarray:
+def shape_mask(shape, size):
     """Boolean (size, size) mask of a square, a circle or an upward triangle."""
     y, x = np.mgrid[0:size, 0:size] + 0.5                                          # (s, s)
     if shape == "square":
@@ -121,8 +121,8 @@ def shape_mask(shape: str, size: int) -> np.ndarray:
     raise ValueError(f"unknown shape {shape!r}")
 
 
-def render_clip(background: np.ndarray, events: tuple[Event, ...], *, num_frames: int,
-                object_size: int) -> np.ndarray:
+def render_clip(background, events, *, num_frames,
+                object_size):
     """uint8 (F, S, S, 3): event k moves during frames [k (F - m), k (F - m) + m), m = F // 2.
 
     Before its window an object waits at its start, after it at its end. Objects are drawn in a
@@ -142,7 +142,7 @@ def render_clip(background: np.ndarray, events: tuple[Event, ...], *, num_frames
     return frames
 
 
-def smooth_noise(rng: np.random.Generator, size: int, channels: int, grid: int = 5):
+def smooth_noise(rng, size, channels, grid=5):
     """(size, size, channels) noise of unit scale, bilinearly upsampled from (grid, grid, C)."""
     coarse = rng.normal(size=(grid, grid, channels))
     coords = np.linspace(0, grid - 1, size)
@@ -152,7 +152,7 @@ def smooth_noise(rng: np.random.Generator, size: int, channels: int, grid: int =
     return rows[:, low] * (1 - frac[None]) + rows[:, low + 1] * frac[None]         # (S, S, C)
 
 
-def make_background(rng: np.random.Generator, size: int) -> np.ndarray:
+def make_background(rng, size):
     """uint8 (S, S, 3): a mid-tone texture and 4-6 small static distractor shapes.
 
     The texture varies mostly in brightness, little in hue, so that no patch of it looks like one
@@ -170,7 +170,7 @@ def make_background(rng: np.random.Generator, size: int) -> np.ndarray:
     return np.clip(image, 0, 255).astype(np.uint8)
 
 
-def make_scene(rng: np.random.Generator, attributes, *, size: int, num_frames: int):
+def make_scene(rng, attributes, *, size, num_frames):
     """Background and the two events of a scene whose first clip reads `attributes`.
 
     attributes: ((colour, shape, direction), (colour, shape, direction)) in time order. The two
@@ -195,7 +195,7 @@ def make_scene(rng: np.random.Generator, attributes, *, size: int, num_frames: i
     raise RuntimeError(f"no room for two separate paths in a {size} px frame")
 
 
-def synthetic_caption_groups() -> list[tuple]:
+def synthetic_caption_groups():
     """One attribute pair per group of four captions that a scene's clips carry, in fixed order.
 
     A caption is ((colour, shape, direction), (colour, shape, direction)) with two colours; its
@@ -216,7 +216,7 @@ def synthetic_caption_groups() -> list[tuple]:
     return groups
 
 
-def plan_synthetic(seed: int, train_scenes: int, test_scenes: int) -> dict[str, list]:
+def plan_synthetic(seed, train_scenes, test_scenes):
     """Attribute pairs of each split's scenes: test groups first, then train groups (no overlap)."""
     groups = synthetic_caption_groups()
     assert test_scenes < len(groups), f"at most {len(groups) - 1} test scenes"
@@ -229,7 +229,7 @@ def plan_synthetic(seed: int, train_scenes: int, test_scenes: int) -> dict[str, 
             "train": [groups[rest[i % len(rest)]] for i in range(train_scenes)]}
 
 
-def write_mp4(path: str, frames: np.ndarray, *, fps: int) -> None:
+def write_mp4(path, frames, *, fps):
     """Write uint8 (F, H, W, 3) frames as H.264 (libx264, yuv420p) MP4 with PyAV."""
     with av.open(path, mode="w") as container:
         stream = container.add_stream("libx264", rate=fps)
@@ -242,7 +242,7 @@ def write_mp4(path: str, frames: np.ndarray, *, fps: int) -> None:
         container.mux(stream.encode())
 
 
-def write_scene(job: tuple) -> list[dict]:
+def write_scene(job):
     """Render and write the four clips of one scene; returns their annotation entries."""
     video_root, split, scene, attributes, seed, size, num_frames, fps = job
     rng = np.random.default_rng([seed, SPLIT_CODES[split], scene])
@@ -257,7 +257,7 @@ def write_scene(job: tuple) -> list[dict]:
     return entries
 
 
-def _synthetic_ready(root: str, params: dict) -> bool:
+def _synthetic_ready(root, params):
     """Whether ROOT holds a complete dataset made with `params`."""
     try:
         with open(os.path.join(root, "manifest.json")) as file:
@@ -270,7 +270,7 @@ def _synthetic_ready(root: str, params: dict) -> bool:
         return False
 
 
-def generate_synthetic(root: str, params: dict, workers: int) -> None:
+def generate_synthetic(root, params, workers):
     """Write every clip, both annotations, then the manifest (last, so that it marks completion)."""
     manifest = os.path.join(root, "manifest.json")
     if os.path.exists(manifest):
@@ -303,9 +303,9 @@ def generate_synthetic(root: str, params: dict, workers: int) -> None:
         json.dump(params, file, indent=2)
 
 
-def ensure_synthetic(root="data/synthetic", *, seed: int = 0, num_train: int = 1600,
-                     num_test: int = 160, num_frames: int = 16, size: int = 112,
-                     force: bool = False, workers: int = 2) -> dict:
+def ensure_synthetic(root="data/synthetic", *, seed=0, num_train=1600,
+                     num_test=160, num_frames=16, size=112,
+                     force=False, workers=2):
     """Make the synthetic dataset under ROOT if it is not there with these parameters.
 
     Returns {"train": annotation path, "test": annotation path, "video_root": folder}. Processes
@@ -317,7 +317,7 @@ def ensure_synthetic(root="data/synthetic", *, seed: int = 0, num_train: int = 1
               "num_test": num_test, "num_frames": num_frames, "size": size, "fps": 8}
     with open(os.path.join(root, ".lock"), "w") as lock:
         if sys.platform != "win32":
-            import fcntl   # Unix only; the lock guards several ranks of one machine
+            import fcntl  # Unix only; the lock guards several ranks of one machine
             fcntl.flock(lock, fcntl.LOCK_EX)
         if force or not _synthetic_ready(root, params):
             start = time.perf_counter()

@@ -242,7 +242,8 @@ def make_loader(dataset, config, *, per_rank, world, rank, seed, workers, device
     tokenizer = data.default_tokenizer(text_model_path(config.text_model))
     loader = DataLoader(dataset, batch_size=per_rank, sampler=sampler, num_workers=workers,
                         drop_last=True,
-                        collate_fn=data.make_collate(tokenizer, text_len=config.text_len, seed=seed),
+                        collate_fn=data.make_collate(tokenizer, text_len=config.text_len,
+                                                     seed=seed),
                         pin_memory=device.type == "cuda", persistent_workers=workers > 0,
                         generator=torch.Generator().manual_seed(seed))
     return loader, sampler, steps_per_epoch
@@ -403,7 +404,8 @@ def train(args):
     model, config, stage, ckpt, exact = build(args, run_log.line)
     stage_dir = Path(args.output_dir) / f"frames{config.frames}"
     edges = curriculum.count_config_edges(config)
-    run_log.line(f"stage T={config.frames} ({config.preset}): (K_l, K_r, G)=({config.local_blocks}, "
+    run_log.line(f"stage T={config.frames} ({config.preset}): (K_l, K_r, "
+                 f"G)=({config.local_blocks}, "
                  f"{config.random_blocks}, {config.block_size}), (q_v, q_m)=({config.keep_rate_v}, "
                  f"{config.keep_rate_m}), {edges.total / 1e6:.3f}M edges of "
                  f"{edges.dense / 1e6:.3f}M dense, sparsity S={edges.sparsity:.2f} (Eq. 19)")
@@ -435,7 +437,8 @@ def train(args):
 
     run_log.open(stage_dir / "tb")
     run_log.line(f"{len(dataset)} pairs, {steps_per_epoch} steps of {batch_size} clips an epoch, "
-                 f"{epochs} epochs, lr {lr:g}, {world} process(es) on {device}; logs in {stage_dir}")
+                 f"{epochs} epochs, lr {lr:g}, {world} process(es) on {device}; "
+                 f"logs in {stage_dir}")
     profiler = start_profiler(stage_dir / "profile") if args.profile and rank == 0 else None
     model.train()
     while epoch < epochs and step < max_steps:

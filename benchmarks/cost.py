@@ -11,7 +11,8 @@ For each T and each sparsity mode (dense, edge, node, hybrid, with the stage's v
 The preset's model is built on the meta device: shapes without numbers, so the base model at
 T = 16 costs nothing to count.
 
-    python benchmarks/cost.py [--preset base] [--timing-preset tiny] [--device cuda] [--output rows.json]
+    python benchmarks/cost.py [--preset base] [--timing-preset tiny] [--device cuda]
+                              [--output rows.json]
     python eval.py --cost ...                       # the same
 """
 import argparse
@@ -30,9 +31,12 @@ import curriculum  # noqa: E402
 from model import SViTT, preset  # noqa: E402
 
 PAPER_TABLE2 = {  # (T, sparsity) -> (GFLOPs, training memory GB) of Table 2
-    (4, "dense"): (139.9, 0.96), (4, "edge"): (135.9, 0.80), (4, "node"): (95.8, 0.61), (4, "hybrid"): (93.9, 0.54),
-    (8, "dense"): (291.3, 3.14), (8, "edge"): (271.8, 1.57), (8, "node"): (197.6, 1.77), (8, "hybrid"): (166.4, 0.92),
-    (16, "dense"): (627.8, 10.66), (16, "edge"): (543.6, 3.02), (16, "node"): (370.9, 4.39), (16, "hybrid"): (296.2, 1.57),
+    (4, "dense"): (139.9, 0.96), (4, "edge"): (135.9, 0.80),
+    (4, "node"): (95.8, 0.61), (4, "hybrid"): (93.9, 0.54),
+    (8, "dense"): (291.3, 3.14), (8, "edge"): (271.8, 1.57),
+    (8, "node"): (197.6, 1.77), (8, "hybrid"): (166.4, 0.92),
+    (16, "dense"): (627.8, 10.66), (16, "edge"): (543.6, 3.02),
+    (16, "node"): (370.9, 4.39), (16, "hybrid"): (296.2, 1.57),
 }
 
 
@@ -44,7 +48,8 @@ def sparsity_modes(config, frames):
         "dense": replace(base, block_size=None, keep_rate_v=1.0, keep_rate_m=1.0),
         "edge": replace(base, block_size=stage.block_size, local_blocks=stage.local_blocks,
                         random_blocks=stage.random_blocks, keep_rate_v=1.0, keep_rate_m=1.0),
-        "node": replace(base, block_size=None, keep_rate_v=stage.keep_rate_v, keep_rate_m=stage.keep_rate_m),
+        "node": replace(base, block_size=None, keep_rate_v=stage.keep_rate_v,
+                        keep_rate_m=stage.keep_rate_m),
         "hybrid": replace(base, block_size=stage.block_size, local_blocks=stage.local_blocks,
                           random_blocks=stage.random_blocks, keep_rate_v=stage.keep_rate_v,
                           keep_rate_m=stage.keep_rate_m),
@@ -59,8 +64,10 @@ def dummy_batch(config, batch_size, device):
     L = config.text_len
     label_device = "cpu" if torch.device(device).type == "meta" else device
     labels = torch.full((batch_size, L), -100, dtype=torch.long, device=label_device)
-    labels[:, 1::7] = torch.randint(1000, 2000, (batch_size, len(range(1, L, 7))), device=label_device)
-    return {"video": torch.randn(batch_size, config.frames, 3, config.image_size, config.image_size, device=device),
+    labels[:, 1::7] = torch.randint(1000, 2000, (batch_size, len(range(1, L, 7))),
+                                    device=label_device)
+    return {"video": torch.randn(batch_size, config.frames, 3, config.image_size,
+                                 config.image_size, device=device),
             "input_ids": torch.randint(1000, 2000, (batch_size, L), device=device),
             "attention_mask": torch.ones(batch_size, L, dtype=torch.long, device=device),
             "mlm_input_ids": torch.randint(1000, 2000, (batch_size, L), device=device),
@@ -106,7 +113,8 @@ def activation_bytes(model, config, device, plain_attention):
     sdpa = F.scaled_dot_product_attention
 
     def fused(q, k, v, attn_mask=None, **kwargs):
-        with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):  # the math kernel's, uncounted
+        # the math kernel's, uncounted
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
             out = sdpa(q, k, v, attn_mask=attn_mask, **kwargs)
         for t in (q, k, v, out, q.new_empty(q.shape[:-1])):  # the log-sum-exp: one float per query
             count(t)
@@ -208,7 +216,8 @@ def cost_table(preset_name, timing_preset, device, frames_list=(4, 8, 16), repea
                     meta_model = SViTT(timing_config, pretrained=False)
                 row.update(timing_preset=timing_preset,
                            timing_gflops=inference_flops(meta_model, timing_config, "meta") / 1e9,
-                           timing_memory=activation_bytes(timing_model, timing_config, device, plain_attention=True))
+                           timing_memory=activation_bytes(timing_model, timing_config, device,
+                                                          plain_attention=True))
             rows.append(row)
         if timing_models:
             times = step_times(timing_models, device, repeats)
@@ -223,32 +232,34 @@ def print_cost_table(rows):
         dense = next(r for r in rows if r["frames"] == row["frames"] and r["sparsity"] == "dense")
         return row[key] / dense[key]
 
-    print(f"Cost per clip of the {rows[0]['preset']} preset (Table 2), on the meta device. GFLOPs: forward of "
-          "f_v, f_t and one f_m pass, counted by torch.utils.flop_counter; pred: the ratio predicted from "
-          "the tokens and edges of each layer. Memory: bytes saved for backward in a training step, dense "
-          "attention by the plain kernel (keeps the N x N softmax, as the paper's baseline) or a fused one "
-          "(keeps q, k, v, the output, one log-sum-exp per query and the learned N x N bias). x: ratio to "
-          "dense; paper: Table 2's.")
-    print(f"{'T':>3} {'sparsity':>8} {'edges':>8} | {'GFLOPs':>7} {'x':>5} {'pred':>5} {'paper':>5} | "
-          f"{'mem plain':>9} {'x':>5} {'paper':>5} | {'mem fused':>9} {'x':>5}")
+    print(f"Cost per clip of the {rows[0]['preset']} preset (Table 2), on the meta device. GFLOPs: "
+          "forward of f_v, f_t and one f_m pass, counted by torch.utils.flop_counter; pred: the "
+          "ratio predicted from the tokens and edges of each layer. Memory: bytes saved for "
+          "backward in a training step, dense attention by the plain kernel (keeps the N x N "
+          "softmax, as the paper's baseline) or a fused one (keeps q, k, v, the output, one "
+          "log-sum-exp per query and the learned N x N bias). x: ratio to dense; paper: Table 2's.")
+    print(f"{'T':>3} {'sparsity':>8} {'edges':>8} | {'GFLOPs':>7} {'x':>5} {'pred':>5} "
+          f"{'paper':>5} | {'mem plain':>9} {'x':>5} {'paper':>5} | {'mem fused':>9} {'x':>5}")
     for row in rows:
         paper = PAPER_TABLE2.get((row["frames"], row["sparsity"]))
         paper_dense = PAPER_TABLE2.get((row["frames"], "dense"))
         pf = f"{paper[0] / paper_dense[0]:.2f}" if paper and row["preset"] == "base" else "-"
         pm = f"{paper[1] / paper_dense[1]:.2f}" if paper and row["preset"] == "base" else "-"
-        print(f"{row['frames']:>3} {row['sparsity']:>8} {row['edges'] / 1e6:>7.2f}M | {row['gflops']:>7.1f} "
-              f"{ratio(row, 'gflops'):>5.2f} {ratio(row, 'gflops_predicted'):>5.2f} {pf:>5} | "
+        print(f"{row['frames']:>3} {row['sparsity']:>8} {row['edges'] / 1e6:>7.2f}M | "
+              f"{row['gflops']:>7.1f} {ratio(row, 'gflops'):>5.2f} "
+              f"{ratio(row, 'gflops_predicted'):>5.2f} {pf:>5} | "
               f"{row['memory_plain'] / 2**30:>7.2f}GB {ratio(row, 'memory_plain'):>5.2f} {pm:>5} | "
               f"{row['memory_fused'] / 2**30:>7.2f}GB {ratio(row, 'memory_fused'):>5.2f}")
     if "forward_s" not in rows[0]:
         return
-    print(f"\nMeasured per clip, {rows[0]['timing_preset']} preset, batch 4, median of the runs (the four "
-          "sparsity modes take turns). memory: bytes saved for backward in a real training forward. "
-          "step/flops: the step-time ratio over the GFLOPs ratio.")
-    print(f"{'T':>3} {'sparsity':>8} | {'GFLOPs':>7} {'x':>5} | {'memory':>8} {'x':>5} | {'forward':>8} {'x':>5} | "
-          f"{'step':>8} {'x':>5} | {'step/flops':>10}")
+    print(f"\nMeasured per clip, {rows[0]['timing_preset']} preset, batch 4, median of the runs "
+          "(the four sparsity modes take turns). memory: bytes saved for backward in a real "
+          "training forward. step/flops: the step-time ratio over the GFLOPs ratio.")
+    print(f"{'T':>3} {'sparsity':>8} | {'GFLOPs':>7} {'x':>5} | {'memory':>8} {'x':>5} | "
+          f"{'forward':>8} {'x':>5} | {'step':>8} {'x':>5} | {'step/flops':>10}")
     for row in rows:
-        print(f"{row['frames']:>3} {row['sparsity']:>8} | {row['timing_gflops']:>7.2f} {ratio(row, 'timing_gflops'):>5.2f} | "
+        print(f"{row['frames']:>3} {row['sparsity']:>8} | {row['timing_gflops']:>7.2f} "
+              f"{ratio(row, 'timing_gflops'):>5.2f} | "
               f"{row['timing_memory'] / 2**20:>6.0f}MB {ratio(row, 'timing_memory'):>5.2f} | "
               f"{row['forward_s'] * 1e3:>6.1f}ms {ratio(row, 'forward_s'):>5.2f} | "
               f"{row['train_step_s'] * 1e3:>6.0f}ms {ratio(row, 'train_step_s'):>5.2f} | "
@@ -256,12 +267,15 @@ def print_cost_table(rows):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="base", choices=["base", "tiny"], help="preset counted on the meta device")
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="base", choices=["base", "tiny"],
+                   help="preset counted on the meta device")
     p.add_argument("--timing-preset", default="tiny", choices=["base", "tiny", "none"],
                    help="preset whose step time is measured on the device (none: skip)")
     p.add_argument("--frames", type=int, nargs="+", default=[4, 8, 16], help="frame counts T")
-    p.add_argument("--device", default=None, help="device of the timing preset (default: cuda when available)")
+    p.add_argument("--device", default=None,
+                   help="device of the timing preset (default: cuda when available)")
     p.add_argument("--output", default=None, help="write the rows as JSON here")
     return p.parse_args(argv)
 

@@ -19,8 +19,8 @@ import data  # noqa: E402
 from synthetic import ensure_synthetic  # noqa: E402
 
 
-def loader_throughput(paths: dict, tokenizer, *, frames: int, workers: int, image_size: int = 112,
-                      batch_size: int = 32, num_batches: int = 20) -> float:
+def loader_throughput(paths, tokenizer, *, frames, workers, image_size=112,
+                      batch_size=32, num_batches=20):
     """Clips per second of a training DataLoader (decode, crop, collate, tokenize, mask).
 
     The first batch, which pays for starting the workers, is not timed.
@@ -39,7 +39,7 @@ def loader_throughput(paths: dict, tokenizer, *, frames: int, workers: int, imag
     return clips / (time.perf_counter() - start)
 
 
-def benchmark(paths: dict, tokenizer) -> None:
+def benchmark(paths, tokenizer):
     print(f"loader throughput, synthetic train split, batch 32, {os.cpu_count()} CPUs, "
           f"{torch.get_num_threads()} torch threads in the main process (clips/s)")
     for frames in (4, 8):
@@ -50,7 +50,8 @@ def benchmark(paths: dict, tokenizer) -> None:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--tokenizer", default=None, help="tokenizer (default: data.default_tokenizer)")
+    parser.add_argument("--tokenizer", default=None,
+                        help="tokenizer (default: data.default_tokenizer)")
     parser.add_argument("--data-dir", default="data/synthetic", help="synthetic data set folder")
     args = parser.parse_args(argv)
     benchmark(ensure_synthetic(args.data_dir), data.default_tokenizer(args.tokenizer))

@@ -94,12 +94,14 @@ def main(argv=None):
             if i == 0:
                 memory[name] = saved_bytes(model, batch) / args.batch_size
     set_variant(model, recompute_gelu=True, cpu_dropout=True)
-    print(f"tiny preset, T={args.frames}, batch {args.batch_size}, {torch.get_num_threads()} threads, "
+    print(f"tiny preset, T={args.frames}, batch {args.batch_size}, {torch.get_num_threads()} "
+          f"threads, "
           f"median of {args.repeats}: training step per clip, bytes saved for backward per clip")
     base = statistics.median(times["all"])
     for name in variants:
         step = statistics.median(times[name])
-        print(f"  {name:14} {step * 1e3:7.1f} ms  x{step / base:5.2f}   {memory[name] / 2**20:7.1f} MB")
+        print(f"  {name:14} {step * 1e3:7.1f} ms  x{step / base:5.2f}   "
+              f"{memory[name] / 2**20:7.1f} MB")
     return times, memory
 
 

@@ -8,11 +8,13 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_attention_benchmark_prints_rows_and_writes_a_trace(tmp_path):
     trace = tmp_path / "trace"
     result = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "attention.py"), "--frames", "1", "2", "--repeats", "1",
+        [sys.executable, str(ROOT / "benchmarks" / "attention.py"), "--frames", "1", "2",
+         "--repeats", "1",
          "--heads", "2", "--dim", "16", "--blocks", "1", "3", "14", "--profile", str(trace)],
         capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    rows = [line.split() for line in result.stdout.splitlines() if line.split()[:1] in (["1"], ["2"])]
+    rows = [line.split() for line in result.stdout.splitlines() if line.split()[:1] in (["1"],
+                                                                                        ["2"])]
     assert [row[1] for row in rows] == ["197", "393"]  # N = 196 T + 1
     for row in rows:
         N = int(row[1])
@@ -25,7 +27,8 @@ def test_attention_benchmark_prints_rows_and_writes_a_trace(tmp_path):
 
 def test_flex_candidate_computes_the_sparse_edges():
     """FlexAttention's packed sequence and block mask give sparse_attention's output (forward: the
-    CPU has no FlexAttention backward). N = 47, G = 14: blocks padded 14 -> 16 and a short last block."""
+    CPU has no FlexAttention backward). N = 47, G = 14: blocks padded 14 -> 16 and a short last
+    block."""
     import importlib.util
     import math
 
@@ -33,8 +36,10 @@ def test_flex_candidate_computes_the_sparse_edges():
 
     from sparse_attention import block_layout, sparse_attention
 
-    spec = importlib.util.spec_from_file_location("attention_benchmark", ROOT / "benchmarks" / "attention.py")
-    bench = sys.modules[spec.name] = importlib.util.module_from_spec(spec)  # torch.compile looks it up
+    spec = importlib.util.spec_from_file_location("attention_benchmark",
+                                                  ROOT / "benchmarks" / "attention.py")
+    # torch.compile looks it up
+    bench = sys.modules[spec.name] = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     torch.manual_seed(0)
     N, G = 47, 14

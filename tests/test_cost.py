@@ -13,14 +13,16 @@ def test_cost_table_on_meta_device():
         assert abs(row["gflops_predicted"] / row["gflops"] - 1) < 0.05
     assert by["edge"]["edges"] < by["dense"]["edges"]
     assert by["hybrid"]["memory_plain"] < by["dense"]["memory_plain"]
-    assert by["dense"]["memory_fused"] < by["dense"]["memory_plain"]  # the fused kernel keeps no N x N softmax
+    # the fused kernel keeps no N x N softmax
+    assert by["dense"]["memory_fused"] < by["dense"]["memory_plain"]
 
 
 def test_cost_table_times_the_timing_preset(capsys):
     rows = cost.cost_table("tiny", "tiny", torch.device("cpu"), frames_list=(4,), repeats=1)
     by = {r["sparsity"]: r for r in rows}
     assert all(r["forward_s"] > 0 and r["train_step_s"] > 0 for r in rows)
-    assert by["hybrid"]["timing_memory"] < by["dense"]["timing_memory"]  # measured on the CPU, not counted
+    # measured on the CPU, not counted
+    assert by["hybrid"]["timing_memory"] < by["dense"]["timing_memory"]
     cost.print_cost_table(rows)
     out = capsys.readouterr().out
     assert "step/flops" in out
@@ -33,7 +35,8 @@ def test_cost_table_times_the_timing_preset(capsys):
         assert line[2] == f"{row['edges'] / 1e6:.2f}M"
         assert float(line[4]) == pytest.approx(row["gflops"], abs=0.05)
         assert float(line[5]) == pytest.approx(row["gflops"] / dense["gflops"], abs=0.005)
-        assert float(line[10]) == pytest.approx(row["memory_plain"] / dense["memory_plain"], abs=0.005)
+        assert float(line[10]) == pytest.approx(row["memory_plain"] / dense["memory_plain"],
+                                                abs=0.005)
     for line in lines[4:]:  # T sparsity | GFLOPs x | memory x | forward x | step x | step/flops
         row = by[line[1]]
         assert float(line[3]) == pytest.approx(row["timing_gflops"], abs=0.005)

@@ -5,14 +5,16 @@ from model import BertAttention, extended_mask
 
 
 def test_mlp_recomputing_gelu_matches_autograd():
-    """Mlp keeps only the hidden pre-activation for backward; outputs and gradients are unchanged."""
+    """Mlp keeps only the hidden pre-activation for backward; outputs and gradients are
+    unchanged."""
     torch.manual_seed(0)
     mlp = Mlp(6, 12).double()
     reference = torch.nn.Sequential(*mlp)  # the same modules, plain autograd
     x = torch.randn(2, 5, 6, dtype=torch.float64, requires_grad=True)
     w = torch.randn(2, 5, 6, dtype=torch.float64)
     saved = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t,
+                                                  lambda t: t):
         out = mlp(x)
     grads = torch.autograd.grad((out * w).sum(), (x, *mlp.parameters()))
     ref = reference(x)
@@ -21,7 +23,8 @@ def test_mlp_recomputing_gelu_matches_autograd():
     for a, b in zip(grads, ref_grads):
         torch.testing.assert_close(a, b)
     hidden = 2 * 5 * 12
-    assert sorted(saved, reverse=True)[:2] == [hidden, 12 * 6]  # one (B, N, 4d) tensor, then a weight
+    # one (B, N, 4d) tensor, then a weight
+    assert sorted(saved, reverse=True)[:2] == [hidden, 12 * 6]
     with torch.no_grad():
         torch.testing.assert_close(mlp(x), ref)
 
@@ -73,7 +76,8 @@ def test_bert_attention_cpu_dropout_path():
     out, probs = attn.train()(x, mask=mask)
     assert probs is None
     torch.manual_seed(7)
-    q, k, v = (layer(x).view(2, 5, 4, 8).transpose(1, 2) for layer in (attn.query, attn.key, attn.value))
+    q, k, v = (layer(x).view(2, 5, 4, 8).transpose(1, 2) for layer in (attn.query, attn.key,
+                                                                       attn.value))
     weights = (q @ k.transpose(-1, -2) / 8 ** 0.5 + mask).softmax(dim=-1)
     heads = (cpu_dropout(weights, 0.1) @ v).transpose(1, 2).reshape(2, 5, 32)
     expected = attn.norm(x + cpu_dropout(attn.dense(heads), 0.1))

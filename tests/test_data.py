@@ -41,7 +41,8 @@ def constant_clip(rgb, num_frames=12, size=32):
 def ramp_clip(num_frames=12, size=32):
     """Frame i is uniform grey 20 + 18 i, so a decoded frame tells its index."""
     levels = 20 + 18 * np.arange(num_frames)
-    return np.broadcast_to(levels[:, None, None, None], (num_frames, size, size, 3)).astype(np.uint8)
+    return np.broadcast_to(levels[:, None, None, None], (num_frames, size, size,
+                                                         3)).astype(np.uint8)
 
 
 def unnormalise(video):

@@ -1,11 +1,13 @@
 import json
 
+import numpy as np
 import pytest
 import torch
+from matplotlib.image import imread
 
 import data
-import synthetic
 import eval as evaluation
+import synthetic
 from model import SViTT, preset
 
 
@@ -19,7 +21,8 @@ def test_metrics_on_a_hand_made_matrix():
     m = evaluation.retrieval_metrics(sim, sim, text_video)
     assert m["t2v_R@1"] == pytest.approx(50.0)
     assert m["t2v_R@5"] == pytest.approx(100.0)
-    # video 0: best caption (0.9) beats every other caption -> rank 1; video 1: its caption scores 0.1
+    # video 0: best caption (0.9) beats every other caption -> rank 1; video 1: its caption scores
+    # 0.1
     # in column 1, captions 1 (0.5) and 0 (0.1, a tie) are at least as high -> rank 3;
     # video 2: caption 3 (0.8) is the best of column 2 -> rank 1
     assert m["v2t_R@1"] == pytest.approx(200 / 3)
@@ -46,13 +49,15 @@ def checkpoint(tmp_path_factory):
     path = folder / "frames4" / "last.pt"
     path.parent.mkdir()
     torch.save({"model": model.state_dict(), "config": config.to_dict(), "step": 0, "epoch": 0,
-                "run": {"data": clips["train"], "test_data": clips["test"], "video_root": clips["video_root"]}}, path)
+                "run": {"data": clips["train"], "test_data": clips["test"],
+                        "video_root": clips["video_root"]}}, path)
     return path
 
 
 def run_eval(checkpoint, tmp_path, *extra):
     out = tmp_path / "result.json"
-    result = evaluation.main(["--checkpoint", str(checkpoint), "--output", str(out), "--workers", "0", *extra])
+    result = evaluation.main(["--checkpoint", str(checkpoint), "--output", str(out), "--workers",
+                              "0", *extra])
     assert json.loads(out.read_text())["videos"] == 8
     return result
 
@@ -66,14 +71,16 @@ def test_retrieval_and_overrides(checkpoint, tmp_path):
     assert pruned["sparsity"]["edges"] < base["sparsity"]["edges"]
     assert pruned["sparsity"]["keep_rate_v"] == 0.5
     dense = run_eval(checkpoint, tmp_path, "--dense")
-    assert dense["sparsity"]["edges"] == dense["sparsity"]["dense_edges"] and dense["sparsity"]["S"] == 0
+    assert dense["sparsity"]["edges"] == dense["sparsity"]["dense_edges"]
+    assert dense["sparsity"]["S"] == 0
     wider = run_eval(checkpoint, tmp_path, "--blocks", "1", "5", "14")
     assert wider["sparsity"]["edges"] > base["sparsity"]["edges"]
 
 
 def test_shuffle_frames_changes_the_clips(checkpoint, tmp_path):
     model, config, run = evaluation.load_model(checkpoint, torch.device("cpu"))
-    dataset = data.VideoTextDataset(run["test_data"], run["video_root"], frames=4, image_size=config.image_size,
+    dataset = data.VideoTextDataset(run["test_data"], run["video_root"], frames=4,
+                                    image_size=config.image_size,
                                     train=False)
     tokenizer = data.default_tokenizer()
     normal = evaluation.extract(model, dataset, tokenizer, "cpu", batch_size=4, workers=0, seed=0)
@@ -86,11 +93,19 @@ def test_shuffle_frames_changes_the_clips(checkpoint, tmp_path):
 
 
 def test_pictures_and_sweep(checkpoint, tmp_path):
-    result = run_eval(checkpoint, tmp_path, "--visualize", str(tmp_path / "pictures"), "--num-pictures", "2",
+    result = run_eval(checkpoint, tmp_path, "--visualize", str(tmp_path / "pictures"),
+                      "--num-pictures", "2",
                       "--sweep", "keep-rate-v", "--sweep-values", "1.0", "0.5", "--k", "2")
     assert len(result["pictures"]) == 2
     for picture in result["pictures"]:
-        assert open(picture, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+        image = imread(picture)  # (height, width, RGBA) in [0, 1]
+        # two strips of T = 4 frames, 1.6 x 3.6 inches a frame column at 100 dpi
+        assert image.shape == (360, 640, 4)
+        top, bottom = image[:180, :, :3], image[180:, :, :3]
+        # top: the patches kept by visual pruning lit (q_v = 0.7 three times: about a third);
+        # bottom: those kept by cross-modal pruning (q_m = 0.1 of them), the rest dimmed
+        assert np.abs(top - bottom).mean() > 0.02
+        assert bottom.mean() < top.mean()
     png = result["sweep"]["png"]
     assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
     assert result["sweep"]["values"] == [1.0, 0.5]

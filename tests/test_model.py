@@ -21,9 +21,11 @@ def tokenizer():
 
 def make_batch(tokenizer, config, batch_size=3, seed=0):
     g = torch.Generator().manual_seed(seed)
-    captions = ["a red square moves left", "a blue circle moves up, then a green triangle moves right",
+    captions = ["a red square moves left",
+                "a blue circle moves up, then a green triangle moves right",
                 "a yellow circle moves down"][:batch_size]
-    enc = tokenizer(captions, padding="max_length", max_length=config.text_len, truncation=True, return_tensors="pt")
+    enc = tokenizer(captions, padding="max_length", max_length=config.text_len, truncation=True,
+                    return_tensors="pt")
     labels = torch.full_like(enc.input_ids, -100)
     labels[:, 2] = enc.input_ids[:, 2]  # one masked word per caption
     mlm_ids = enc.input_ids.clone()
@@ -116,9 +118,12 @@ def test_relative_bias_follows_eq26():
 
 def test_presets_shapes():
     base, tiny = preset("base"), preset("tiny")
-    assert (base.image_size, base.vision_width, base.vision_layers, base.vision_heads) == (224, 768, 12, 12)
+    assert (base.image_size, base.vision_width, base.vision_layers, base.vision_heads) == (224,
+                                                                                           768, 12,
+                                                                                           12)
     assert base.num_tokens == 785 and tiny.num_tokens == 197
-    assert base.block_size / base.grid ** 2 == tiny.block_size / tiny.grid ** 2  # a block is 2/7 of a frame
+    # a block is 2/7 of a frame
+    assert base.block_size / base.grid ** 2 == tiny.block_size / tiny.grid ** 2
     with torch.device("meta"):
         model = SViTT(base, pretrained=False)
     # BEiT-B/16 with a relative bias table per block over (t, h, w) offsets at T = 4 (86.4M), and

@@ -28,7 +28,8 @@ def test_caption_groups_cover_every_caption_once():
     rng = np.random.default_rng(0)
     for attributes in groups:
         _, events = synthetic.make_scene(rng, attributes, size=112, num_frames=16)
-        clip_captions = {synthetic.synthetic_caption(clip) for clip in synthetic.scene_clips(events)}
+        clips = synthetic.scene_clips(events)
+        clip_captions = {synthetic.synthetic_caption(clip) for clip in clips}
         assert len(clip_captions) == 4 and not clip_captions & captions
         captions |= clip_captions
     assert len(captions) == 4320
@@ -36,7 +37,8 @@ def test_caption_groups_cover_every_caption_once():
 
 def test_reversed_clip_is_the_clip_backwards():
     rng = np.random.default_rng(1)
-    background, events = synthetic.make_scene(rng, (("red", "square", "up"), ("blue", "circle", "left")),
+    background, events = synthetic.make_scene(rng, (("red", "square", "up"), ("blue", "circle",
+                                                                              "left")),
                                          size=112, num_frames=16)
     object_size, _ = synthetic.synthetic_geometry(112, 16)
     forward = synthetic.render_clip(background, events, num_frames=16, object_size=object_size)
@@ -44,7 +46,8 @@ def test_reversed_clip_is_the_clip_backwards():
                                 object_size=object_size)
     assert np.array_equal(backward, forward[::-1])
     assert not np.array_equal(forward, forward[::-1])
-    assert synthetic.synthetic_caption(events) == "a red square moves up, then a blue circle moves left"
+    assert synthetic.synthetic_caption(events) == \
+        "a red square moves up, then a blue circle moves left"
     assert synthetic.synthetic_caption(synthetic.reverse_events(events)) == \
         "a blue circle moves right, then a red square moves down"
 

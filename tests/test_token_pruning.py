@@ -6,7 +6,8 @@ import torch
 from token_pruning import class_attention_scores, keep_tokens, num_kept, text_to_video_scores
 
 
-@pytest.mark.parametrize("num_regional,keep_rate", [(784, 0.7), (549, 0.7), (97, 0.5), (9, 0.1), (10, 1.0)])
+@pytest.mark.parametrize("num_regional,keep_rate", [(784, 0.7), (549, 0.7), (97, 0.5), (9, 0.1),
+                                                    (10, 1.0)])
 def test_keep_tokens_count_class_order(num_regional, keep_rate):
     g = torch.Generator().manual_seed(0)
     B, C = 3, 5

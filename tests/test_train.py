@@ -18,12 +18,15 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.fixture(scope="module")
 def clips(tmp_path_factory):
     """A few synthetic clips (8 train, 4 test), made once for this file."""
-    return synthetic.ensure_synthetic(tmp_path_factory.mktemp("synthetic"), num_train=8, num_test=4, workers=1)
+    return synthetic.ensure_synthetic(tmp_path_factory.mktemp("synthetic"), num_train=8,
+                                      num_test=4, workers=1)
 
 
 def run(clips, out, *extra):
-    return train.main(["--data", clips["train"], "--video-root", clips["video_root"], "--test-data", clips["test"],
-                       "--output-dir", str(out), "--batch-size", "4", "--workers", "0", "--no-eval", *extra])
+    return train.main(["--data", clips["train"], "--video-root", clips["video_root"],
+                       "--test-data", clips["test"],
+                       "--output-dir", str(out), "--batch-size", "4", "--workers", "0",
+                       "--no-eval", *extra])
 
 
 def test_expansion_from_4_to_8_frames(clips, tmp_path):
@@ -38,17 +41,20 @@ def test_expansion_from_4_to_8_frames(clips, tmp_path):
     assert eight["step"] == 1  # a fresh schedule
     source = curriculum.temporal_source(4, 8)  # Eq. 23
     old, new = four["model"], eight["model"]
-    pos_old = old["video_encoder.pos_embed"][0, 1:].reshape(4, -1, old["video_encoder.pos_embed"].shape[-1])
+    pos_old = old["video_encoder.pos_embed"][0, 1:].reshape(4, -1,
+                                                            old["video_encoder.pos_embed"].shape[-1])
     pos_new = new["video_encoder.pos_embed"][0, 1:].reshape(8, -1, pos_old.shape[-1])
     for t in range(8):
         torch.testing.assert_close(pos_new[t], pos_old[source[t]])
-    torch.testing.assert_close(new["video_encoder.pos_embed"][0, 0], old["video_encoder.pos_embed"][0, 0])
+    torch.testing.assert_close(new["video_encoder.pos_embed"][0, 0],
+                               old["video_encoder.pos_embed"][0, 0])
     tables = [k for k in old if k.endswith("relative_position_bias_table")]
     assert tables
     for key in tables:
         torch.testing.assert_close(new[key], curriculum.resize_relative_bias(old[key], 4, 8))
     others = [k for k in old if not k.endswith(("pos_embed", "relative_position_bias_table"))]
-    assert set(others) == {k for k in new if not k.endswith(("pos_embed", "relative_position_bias_table"))}
+    assert set(others) == {k for k in new if not k.endswith(("pos_embed",
+                                                             "relative_position_bias_table"))}
     for key in others:
         assert torch.equal(new[key], old[key]), f"{key} changed in the expansion"
 
@@ -58,7 +64,8 @@ def test_resume_continues_exactly(clips, tmp_path):
     first = run(clips, tmp_path / "split", "--frames", "4", "--max-steps", "2", "--epochs", "2")
     second = run(clips, tmp_path / "split", "--resume", "--max-steps", "4")
     assert len(whole["losses"]) == 4 and len(first["losses"]) == 2 and len(second["losses"]) == 2
-    torch.testing.assert_close(torch.tensor(first["losses"] + second["losses"]), torch.tensor(whole["losses"]),
+    torch.testing.assert_close(torch.tensor(first["losses"] + second["losses"]),
+                               torch.tensor(whole["losses"]),
                                rtol=1e-5, atol=1e-5)
     a = torch.load(tmp_path / "whole" / "frames4" / "last.pt", weights_only=True)
     b = torch.load(tmp_path / "split" / "frames4" / "last.pt", weights_only=True)
@@ -93,8 +100,9 @@ def test_torchrun_two_processes(clips, tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29531",
          str(ROOT / "train.py"), "--data", clips["train"], "--video-root", clips["video_root"],
-         "--output-dir", str(tmp_path), "--batch-size", "4", "--workers", "0", "--max-steps", "2", "--no-eval",
-         "--device", "cpu"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+         "--output-dir", str(tmp_path), "--batch-size", "4", "--workers", "0", "--max-steps", "2",
+         "--no-eval", "--device", "cpu"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     ckpt = torch.load(tmp_path / "frames4" / "last.pt", weights_only=True)
     assert ckpt["step"] == 2 and ckpt["run"]["batch_size"] == 4
@@ -110,7 +118,8 @@ def test_non_finite_loss_stops_with_the_batch_videos(clips, tmp_path):
 def test_persistent_workers_draw_each_epochs_frames(clips):
     """The sampler's (epoch, index) pairs reach workers that outlive set_epoch: every epoch's items
     carry that epoch's seeds, the ones a loader without workers draws."""
-    dataset = data.VideoTextDataset(clips["train"], clips["video_root"], frames=4, image_size=32, train=True)
+    dataset = data.VideoTextDataset(clips["train"], clips["video_root"], frames=4, image_size=32,
+                                    train=True)
     sampler = train.ResumableSampler(dataset, world=1, rank=0, seed=0, batch_size=2)
     loader = torch.utils.data.DataLoader(dataset, batch_size=2, sampler=sampler, num_workers=1,
                                          persistent_workers=True, collate_fn=list)
