@@ -12,9 +12,9 @@ faster or in less memory, and tests hold each to the plain computation
 * `keep_freed_memory`: a process-wide allocator setting (glibc) that `train.py` and the attention
   benchmark make once at start-up.
 
-Measured on a shared 2-core x86 CPU, tiny preset, T = 4, batch 8, the training step (forward and
-backward) per clip, median of 5 runs with and without each speed-up taking turns in one process:
-see the docstrings of `Mlp` and `Dropout`. `python cpu_speedups.py` repeats the measurement.
+What each buys is stated in its docstring; `python benchmarks/speedups.py` measures the tiny
+preset's training step with and without them, side by side in one process (figures in
+`benchmarks/README.md`).
 """
 import ctypes
 

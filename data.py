@@ -216,8 +216,7 @@ class VideoTextCollate:
         }
 
 
-def make_collate(tokenizer, *, text_len=32, mlm_probability=0.15,
-                 seed=None):
+def make_collate(tokenizer, *, text_len=32, mlm_probability=0.15, seed=None):
     """The DataLoader collate_fn for VideoTextDataset items (see VideoTextCollate)."""
     return VideoTextCollate(tokenizer, text_len=text_len, mlm_probability=mlm_probability,
                             seed=seed)
@@ -227,8 +226,7 @@ def make_collate(tokenizer, *, text_len=32, mlm_probability=0.15,
 # Frames: sampling (Sec. A.3), decoding, crop and normalisation
 # ---------------------------------------------------------------------------------------------
 
-def sample_frame_indices(num_frames_in_clip, frames, train,
-                         generator=None):
+def sample_frame_indices(num_frames_in_clip, frames, train, generator=None):
     """Sparse sampling (Sec. A.3): split the clip into `frames` equal segments, take one frame each.
 
     Training takes a uniformly random frame of each segment, test time the middle one (the lower
@@ -271,8 +269,7 @@ def read_frames(reader, indices, path):
         raise VideoReadError(path, f"decoding failed ({str(error).splitlines()[0]})") from None
 
 
-def random_resized_crop_box(height, width, scale=(0.5, 1.0), ratio=(3 / 4, 4 / 3),
-                            generator=None):
+def random_resized_crop_box(height, width, scale=(0.5, 1.0), ratio=(3 / 4, 4 / 3), generator=None):
     """(top, left, h, w) of a crop covering `scale` of the area with aspect ratio in `ratio`.
 
     The algorithm of torchvision's RandomResizedCrop: ten tries, then a central crop.
@@ -297,8 +294,7 @@ def random_resized_crop_box(height, width, scale=(0.5, 1.0), ratio=(3 / 4, 4 / 3
     return (height - h) // 2, (width - w) // 2, h, w
 
 
-def transform_frames(frames, *, image_size, train,
-                     crop_scale=(0.5, 1.0), generator=None):
+def transform_frames(frames, *, image_size, train, crop_scale=(0.5, 1.0), generator=None):
     """uint8 (T, H, W, 3) -> normalised float (T, 3, image_size, image_size).
 
     Training: one random resized crop shared by all frames of the clip (the object must stay the

@@ -121,8 +121,7 @@ def shape_mask(shape, size):
     raise ValueError(f"unknown shape {shape!r}")
 
 
-def render_clip(background, events, *, num_frames,
-                object_size):
+def render_clip(background, events, *, num_frames, object_size):
     """uint8 (F, S, S, 3): event k moves during frames [k (F - m), k (F - m) + m), m = F // 2.
 
     Before its window an object waits at its start, after it at its end. Objects are drawn in a
