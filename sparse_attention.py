@@ -69,7 +69,7 @@ def attention_mask(num_tokens, block_size, layout):
     `num_tokens` is N, the number of regional tokens; position 0 is the class token.
     """
     num_blocks = math.ceil(num_tokens / block_size)
-    assert layout.shape[0] == num_blocks, f"layout has {layout.shape[0]} rows, N / G needs {num_blocks}"
+    assert layout.shape[0] == num_blocks, f"layout has {layout.shape[0]} rows, N / G: {num_blocks}"
     block_of = torch.arange(num_tokens, device=layout.device) // block_size  # (N,)
     # block_edges[k, k'] is True when query block k attends key block k' (Eq. 7-8)
     block_edges = torch.zeros(num_blocks, num_blocks, dtype=torch.bool, device=layout.device)
@@ -143,7 +143,7 @@ def sparse_attention(q, k, v, block_size, layout, bias=None, *, impl="auto"):
       training step).
     """
     num_blocks = math.ceil((q.shape[2] - 1) / block_size)
-    assert layout.shape[0] == num_blocks, f"layout has {layout.shape[0]} rows, ceil(N / G) = {num_blocks}"
+    assert layout.shape[0] == num_blocks, f"layout has {layout.shape[0]} rows, N / G: {num_blocks}"
     if impl == "auto":
         training = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
         impl = "bmm" if training and q.device.type != "cuda" else "sdpa"
@@ -154,14 +154,15 @@ def sparse_attention(q, k, v, block_size, layout, bias=None, *, impl="auto"):
     biases = _edge_biases(q, block_size, layout, bias)
     if impl == "sdpa":
         return _sdpa_sparse_attention(q, k, v, block_size, layout, *biases)
-    heads = _heads_per_chunk(layout.shape[0], block_size, layout.shape[1], q.shape[-1], q.element_size())
-    return _BlockSparseAttention.apply(q, k, v, layout, block_size, heads, *biases)
+    chunk = _heads_per_chunk(*layout.shape, block_size, q.shape[-1], q.element_size())
+    return _BlockSparseAttention.apply(q, k, v, layout, block_size, chunk, *biases)
 
 
 def dense_attention(q, k, v, bias=None):
-    """Full attention over all 1 + N tokens with the same `bias` convention; returns (out, cls_attn).
+    """Full attention over all 1 + N tokens with `sparse_attention`'s `bias` convention.
 
-    With a bias it builds the (B or 1, H, 1 + N, 1 + N) table of every pair's bias."""
+    Returns (out, cls_attn). With a bias it builds the (B or 1, H, 1 + N, 1 + N) table of every
+    pair's bias."""
     L = q.shape[2]
     mask = None
     if bias is not None:
@@ -203,7 +204,8 @@ class SparseSelfAttention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x, bias=None, generator=None):
-        q, k, v = rearrange(self.qkv(x), "b l (three h d) -> three b h l d", three=3, h=self.num_heads)
+        qkv = rearrange(self.qkv(x), "b l (three h d) -> three b h l d", three=3, h=self.num_heads)
+        q, k, v = qkv
         if self.block_size is None:
             out, cls_attn = dense_attention(q, k, v, bias)
         else:
@@ -273,8 +275,9 @@ def _sdpa_sparse_attention(q, k, v, block_size, layout, row_bias, column_bias, b
     fold = "b h n x d -> b (h n) x d"
     if mask is not None:
         mask = rearrange(mask, "b h n g x -> b (h n) g x")
-    out = F.scaled_dot_product_attention(rearrange(_blocks(q[:, :, 1:], G), fold),
-                                         rearrange(k_rows, fold), rearrange(v_rows, fold), attn_mask=mask)
+    q_blocks = _blocks(q[:, :, 1:], G)  # (B, H, N_b, G, D)
+    out = F.scaled_dot_product_attention(rearrange(q_blocks, fold), rearrange(k_rows, fold),
+                                         rearrange(v_rows, fold), attn_mask=mask)
     out = rearrange(out, "b (h n) g d -> b h (n g) d", h=H)[:, :, :N]  # drop padded queries
     return torch.cat([cls_out[:, :, None], out], dim=2), cls_probs[:, :, 1:]
 
@@ -306,7 +309,7 @@ CHUNK_BYTES = 16 * 2**20
 size is mapped and page-faulted in anew at every call; below it, freed blocks are reused."""
 
 
-def _heads_per_chunk(num_blocks, block_size, layout_width, head_dim, element_size):
+def _heads_per_chunk(num_blocks, layout_width, block_size, head_dim, element_size):
     """Heads whose (N_b, G, K G) probabilities and (N_b, K G, D) gathered keys fit CHUNK_BYTES."""
     keys = layout_width * block_size
     per_head = num_blocks * keys * max(block_size, head_dim) * element_size
@@ -368,7 +371,8 @@ class _BlockSparseAttention(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, layout, block_size, heads_per_chunk, row_bias, column_bias, block_bias):
+    def forward(ctx, q, k, v, layout, block_size, heads_per_chunk, row_bias, column_bias,
+                block_bias):
         B, H, L, D = q.shape
         N, G = L - 1, block_size
         BH, (num_blocks, K) = B * H, layout.shape
@@ -389,7 +393,8 @@ class _BlockSparseAttention(torch.autograd.Function):
         col_logits = torch.bmm(q_blocks.view(BH, -1, D), k_cls.transpose(1, 2))  # (B H, N_b G, 1)
         col_logits = col_logits.view(BH, num_blocks, G, 1)
         if column_bias is not None:
-            col_logits = col_logits + column_bias.expand(B, H, num_blocks, G, 1).reshape(col_logits.shape)
+            col_bias = column_bias.expand(B, H, num_blocks, G, 1).reshape(col_logits.shape)
+            col_logits = col_logits + col_bias
         if block_bias is not None:
             block_bias = block_bias.expand(B, H, num_blocks, G, K * G)
 
@@ -401,8 +406,8 @@ class _BlockSparseAttention(torch.autograd.Function):
         all_probs, index = [], layout.flatten()
         for b0, b1, h0, h1 in _chunks(B, H, heads_per_chunk):
             heads = slice(b0 * H + h0, (b1 - 1) * H + h1)
-            k_rows = k_blocks[heads].index_select(1, index).view(-1, K * G, D)  # (heads N_b, K G, D)
-            probs = torch.bmm(q_blocks[heads].view(-1, G, D), k_rows.transpose(1, 2))  # logits for now
+            k_rows = k_blocks[heads].index_select(1, index).view(-1, K * G, D)  # (h N_b, K G, D)
+            probs = torch.bmm(q_blocks[heads].view(-1, G, D), k_rows.transpose(1, 2))  # logits yet
             del k_rows  # each gathered tensor lives only as long as its product needs it
             if block_bias is not None:
                 probs.view(b1 - b0, h1 - h0, num_blocks, G, K * G).add_(block_bias[b0:b1, h0:h1])
@@ -427,7 +432,8 @@ class _BlockSparseAttention(torch.autograd.Function):
         out = out.transpose(1, 2)  # (B, H, 1 + N, D)
         ctx.save_for_backward(q_cls, q_blocks, k, v, layout, row_probs, col_probs, out, *all_probs)
         ctx.block_size, ctx.heads_per_chunk = G, heads_per_chunk
-        ctx.bias_shapes = [None if b is None else b.shape for b in (row_bias, column_bias, block_bias)]
+        ctx.bias_shapes = [None if b is None else b.shape
+                           for b in (row_bias, column_bias, block_bias)]
         return out, row_probs.view(B, H, L)[:, :, 1:].clone()
 
     @staticmethod
@@ -457,7 +463,8 @@ class _BlockSparseAttention(torch.autograd.Function):
         # --- the class column and the softmax's delta, for all heads at once (small tensors).
         # dO: (B H, N_b, G, D), zero on padded queries.
         d_block = _blocks(grad_out[:, :, 1:], G).reshape(BH, num_blocks, G, D).contiguous()
-        d_col_probs = torch.bmm(d_block.view(BH, -1, D), v_cls.transpose(1, 2)).view(col_probs.shape)
+        d_col_probs = torch.bmm(d_block.view(BH, -1, D), v_cls.transpose(1, 2))
+        d_col_probs = d_col_probs.view(col_probs.shape)
         # softmax backward: dS = P (dP - rowsum(P dP)), and rowsum(P dP) = rowsum(dO O)
         delta = (grad_out[:, :, 1:] * out[:, :, 1:]).sum(dim=-1, keepdim=True)  # (B, H, N, 1)
         delta = _blocks(delta, G).reshape(BH, num_blocks, G, 1)
@@ -485,7 +492,8 @@ class _BlockSparseAttention(torch.autograd.Function):
             k_rows = k_blocks[heads].index_select(1, index).view(-1, K * G, D)
             torch.bmm(d_logits, k_rows, out=d_q_blocks[heads].view(-1, G, D))
             del k_rows
-            d_k_rows = torch.bmm(d_logits.transpose(1, 2), q_blocks[heads].view(-1, G, D))  # dK = dS^T Q
+            # dK = dS^T Q
+            d_k_rows = torch.bmm(d_logits.transpose(1, 2), q_blocks[heads].view(-1, G, D))
             d_k_blocks[heads].index_add_(1, index, d_k_rows.view(-1, num_blocks * K, G * D))
             del d_k_rows, d_logits, d_probs
 
@@ -526,4 +534,5 @@ if __name__ == "__main__":
         print(f"  block {n}: {row}")
     print(draw_edges(N, G, layout))
     mask = attention_mask(N, G, layout)
-    print(f"edges: {int(mask.sum())} of {(N + 1) ** 2} (dense); sparsity {1 - mask.float().mean():.2f}")
+    sparsity = 1 - mask.float().mean()
+    print(f"edges: {int(mask.sum())} of {(N + 1) ** 2} (dense); sparsity {sparsity:.2f}")

@@ -219,7 +219,7 @@ def test_chunked_bmm_equals_plain_path(monkeypatch, heads_per_chunk, per_item_bi
     B, H, N, G, D, K = 3, 5, 30, 4, 8, 3
     per_head = math.ceil(N / G) * K * G * max(G, D) * 8  # float64 bytes of one head's temporaries
     monkeypatch.setattr(module, "CHUNK_BYTES", heads_per_chunk * per_head)
-    assert module._heads_per_chunk(math.ceil(N / G), G, K, D, 8) == heads_per_chunk
+    assert module._heads_per_chunk(math.ceil(N / G), K, G, D, 8) == heads_per_chunk
     g = torch.Generator().manual_seed(4)
     layout = block_layout(math.ceil(N / G), 1, K - 1, g)
     table = torch.randn(B if per_item_bias else 1, H, 2 * 64 + 1, generator=g, dtype=torch.float64,
