@@ -108,8 +108,7 @@ def plain_sparse_attention(q, k, v, block_size, layout, bias=None):
     q_blocks = rearrange(F.pad(q[:, :, 1:], (0, 0, 0, pad)), "b h (n g) d -> b h n g d", g=G)
     logits = torch.einsum("bhngd,bhnxd->bhngx", q_blocks * scale, k_rows)  # Eq. 6 on the edges
     if bias is not None:  # (B or 1, H, N_b, G, X): the bias of these edges only
-        query_pos = positions[1:].clamp(max=N)
-        query_pos = F.pad(query_pos, (0, pad), value=N).view(num_blocks, G, 1)
+        query_pos = F.pad(positions[1:], (0, pad), value=N).view(num_blocks, G, 1)  # pad reads N
         logits = logits + bias(query_pos, keys[:, None, :]).to(q.dtype)
     if pad:  # padding is never attended (footnote 2)
         logits = logits.masked_fill(key_pos[:, None, :] > N, float("-inf"))
