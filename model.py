@@ -195,7 +195,8 @@ class VisionBlock(nn.Module):
 
     def forward(self, x, index, generator=None):
         bias = self.rel_pos.bias(index) if self.rel_pos is not None else None
-        attn_out, cls_attn, edges = self.attn(self.norm1(x), bias=bias, generator=generator)
+        attn_out, cls_attn = self.attn(self.norm1(x), bias=bias, generator=generator)
+        edges = self.attn.edges(x.shape[1])  # Eq. 17
         x = x + self.lambda_1 * attn_out
         x = x + self.lambda_2 * self.mlp(self.norm2(x))
         return x, cls_attn, edges

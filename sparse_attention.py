@@ -11,16 +11,21 @@ keeps only
 * global edges (Eq. 9): the class token attends to every token, and every token to the class token.
 
 Each regional token then has (K_l + K_r) G + 1 keys instead of 1 + N, so time and memory grow
-linearly with N (Eq. 17). This file never builds a (1 + N) x (1 + N) tensor outside the teaching
-helper `attention_mask`.
+linearly with N (Eq. 17). Two functions build a (1 + N) x (1 + N) tensor: `attention_mask` (the
+edge set drawn densely, for teaching and tests) and `dense_attention` (the dense baseline, when it
+is given a bias). Nothing on the sparse path does.
 
 Usage::
 
     layout = block_layout(num_blocks=14, local_blocks=1, random_blocks=3)   # (14, 4)
     out, cls_attn = sparse_attention(q, k, v, block_size=56, layout=layout)  # q: (B, H, 1 + N, D)
-    attn = SparseSelfAttention(dim=768, num_heads=12, block_size=56, local_blocks=1, random_blocks=3)
+    attn = SparseSelfAttention(dim=768, num_heads=12, block_size=56, local_blocks=1,
+                               random_blocks=3)
+    out, cls_attn = attn(x)                                                   # x: (B, 1 + N, 768)
 
-The file imports only torch and einops, so it can be copied into another project alone.
+`plain_sparse_attention` below is the whole computation in einsum and softmax; the rest of the
+file computes the same thing faster (checked equal by the tests). The file imports only torch and
+einops, so it can be copied into another project alone, and needs no process-wide setting.
 Run ``python sparse_attention.py`` to print the edge set of a small layout.
 """
 import math
@@ -38,8 +43,8 @@ def block_layout(num_blocks, local_blocks, random_blocks, generator=None, *, dev
     Returns a LongTensor (num_blocks, local_blocks + random_blocks); row k lists the key blocks of
     query block k. The local window {k - D, ..., k + D}, D = (K_l - 1) // 2, shifts inward at the
     ends of the sequence so every row has K_l local blocks. The K_r random blocks are distinct and
-    drawn from the blocks outside the window. With fewer blocks than K_l + K_r every row lists every
-    block once (shape (num_blocks, num_blocks)), local ones first.
+    drawn from the blocks outside the window. With fewer blocks than K_l + K_r every row lists
+    every block once (shape (num_blocks, num_blocks)), local ones first.
 
     Sampling is vectorised: one uniform score per (query block, key block), local blocks pushed to
     the front, and a sort picks the rest. `generator` (on `device`) makes a draw reproducible.
@@ -64,35 +69,52 @@ def attention_mask(num_tokens, block_size, layout):
     `num_tokens` is N, the number of regional tokens; position 0 is the class token.
     """
     num_blocks = math.ceil(num_tokens / block_size)
-    assert layout.shape[0] == num_blocks, f"layout has {layout.shape[0]} rows, N / G needs {num_blocks}"
+    assert layout.shape[0] == num_blocks, f"layout has {layout.shape[0]} rows, N / G: {num_blocks}"
     block_of = torch.arange(num_tokens, device=layout.device) // block_size  # (N,)
     # block_edges[k, k'] is True when query block k attends key block k' (Eq. 7-8)
     block_edges = torch.zeros(num_blocks, num_blocks, dtype=torch.bool, device=layout.device)
     block_edges.scatter_(1, layout, True)
-    mask = torch.ones(1 + num_tokens, 1 + num_tokens, dtype=torch.bool, device=layout.device)  # Eq. 9
-    mask[1:, 1:] = block_edges[block_of][:, block_of]
+    mask = torch.ones(1 + num_tokens, 1 + num_tokens, dtype=torch.bool, device=layout.device)
+    mask[1:, 1:] = block_edges[block_of][:, block_of]  # the class row and column stay True (Eq. 9)
     return mask
 
 
-def _blocks(x, block_size):
-    """(B, H, N, D) regional tokens -> (B, H, N_b, G, D), zero-padding the last block."""
-    pad = -x.shape[2] % block_size
-    if pad:
-        x = F.pad(x, (0, 0, 0, pad))
-    return rearrange(x, "b h (n g) d -> b h n g d", g=block_size)
+def plain_sparse_attention(q, k, v, block_size, layout, bias=None):
+    """Block-sparse attention (Eq. 5-9), written out: the reading copy of `sparse_attention`.
 
+    q, k, v (B, H, 1 + N, D), class token first; layout (N_b, K) from `block_layout`; `bias` as in
+    `sparse_attention`. Returns ``(out, cls_attn)``: out (B, H, 1 + N, D), cls_attn (B, H, N).
+    """
+    L, D = q.shape[2:]
+    N, G = L - 1, block_size
+    num_blocks = math.ceil(N / G)
+    scale = D ** -0.5
+    positions = torch.arange(L, device=q.device)
 
-def _padded(x, length):
-    """(M, L, D) -> (M, length, D), zero rows appended (x itself when L == length)."""
-    return x if x.shape[1] == length else F.pad(x, (0, 0, 0, length - x.shape[1]))
+    # Eq. 9, the class token's row: it attends to all 1 + N tokens. Its weights are Eq. 10's scores.
+    cls_logits = torch.einsum("bhd,bhjd->bhj", q[:, :, 0] * scale, k)  # (B, H, 1 + N)
+    if bias is not None:
+        cls_logits = cls_logits + bias(positions[:1, None], positions[None, :])[:, :, 0].to(q.dtype)
+    cls_probs = cls_logits.softmax(dim=-1)
+    cls_out = torch.einsum("bhj,bhjd->bhd", cls_probs, v)  # (B, H, D)
 
-
-def _edges(num_tokens, block_size, layout):
-    """Token positions of the block keys of every query block: (N_b, K G), the G tokens of each
-    block of layout[n]. Positions past N are the padding of the last block."""
-    G = block_size
-    blocks = 1 + layout[:, :, None] * G + torch.arange(G, device=layout.device)  # (N_b, K, G)
-    return rearrange(blocks, "n k g -> n (k g)")
+    # Eq. 7-9, the regional rows: query block n attends to the class token (Eq. 9) and to the G
+    # tokens of each of its K blocks layout[n] (Eq. 7-8): X = 1 + K G keys per query block.
+    block_keys = 1 + layout[:, :, None] * G + torch.arange(G, device=q.device)  # (N_b, K, G)
+    key_pos = F.pad(rearrange(block_keys, "n k g -> n (k g)"), (1, 0))  # (N_b, X), class first
+    keys = key_pos.clamp(max=N)  # the last block's padding reads token N and is masked below
+    k_rows, v_rows = k[:, :, keys], v[:, :, keys]  # (B, H, N_b, X, D)
+    pad = num_blocks * G - N  # queries: zero rows that complete the last block
+    q_blocks = rearrange(F.pad(q[:, :, 1:], (0, 0, 0, pad)), "b h (n g) d -> b h n g d", g=G)
+    logits = torch.einsum("bhngd,bhnxd->bhngx", q_blocks * scale, k_rows)  # Eq. 6 on the edges
+    if bias is not None:  # (B or 1, H, N_b, G, X): the bias of these edges only
+        query_pos = F.pad(positions[1:], (0, pad), value=N).view(num_blocks, G, 1)  # pad reads N
+        logits = logits + bias(query_pos, keys[:, None, :]).to(q.dtype)
+    if pad:  # padding is never attended (footnote 2)
+        logits = logits.masked_fill(key_pos[:, None, :] > N, float("-inf"))
+    out = torch.einsum("bhngx,bhnxd->bhngd", logits.softmax(dim=-1), v_rows)  # Eq. 5
+    out = rearrange(out, "b h n g d -> b h (n g) d")[:, :, :N]  # drop the padded queries
+    return torch.cat([cls_out[:, :, None], out], dim=2), cls_probs[:, :, 1:]
 
 
 def sparse_attention(q, k, v, block_size, layout, bias=None, *, impl="auto"):
@@ -110,232 +132,36 @@ def sparse_attention(q, k, v, block_size, layout, bias=None, *, impl="auto"):
     `impl` picks one of three spellings of the same computation (the tests hold each to dense
     attention under `attention_mask`):
 
-    * ``"einsum"``: the equations written out with einsum and softmax; autograd does the rest.
-      Read this one.
+    * ``"einsum"``: `plain_sparse_attention`, the equations; autograd does the rest.
     * ``"sdpa"``: the blocks folded into the batch, one 4-D ``scaled_dot_product_attention`` call:
       the shape the fused CUDA kernels (FlashAttention) take.
-    * ``"bmm"``: `_BlockSparseAttention`, batched matrix products with a hand-written backward:
-      the fast one on the CPU.
+    * ``"bmm"``: `_BlockSparseAttention`, batched matrix products with a hand-written backward,
+      a few heads at a time: the fast one on the CPU.
     * ``"auto"`` (default): ``"sdpa"`` on CUDA and for inference, ``"bmm"`` for training on the
       CPU (the CPU's fused kernel is the faster forward, the hand-written backward the faster
       training step).
     """
-    B, H, L, D = q.shape
-    N, G = L - 1, block_size
-    num_blocks = math.ceil(N / G)
-    assert layout.shape[0] == num_blocks, f"layout has {layout.shape[0]} rows, ceil(N / G) = {num_blocks}"
+    num_blocks = math.ceil((q.shape[2] - 1) / block_size)
+    assert layout.shape[0] == num_blocks, f"layout has {layout.shape[0]} rows, N / G: {num_blocks}"
     if impl == "auto":
         training = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
         impl = "bmm" if training and q.device.type != "cuda" else "sdpa"
     assert impl in ("einsum", "sdpa", "bmm"), f"unknown impl {impl!r}"
     layout = layout.to(q.device)
-    key_pos = _edges(N, G, layout)  # (N_b, K G)
-    key_tokens = key_pos.clamp(max=N)  # padding reads token N; its logits are masked below
-
-    # Additive logit biases, each None or a tensor: the class row (B or 1, H, 1 + N), the class
-    # token's column (B or 1, H, N_b, G, 1) and the block edges (B or 1, H, N_b, G, K G).
-    row_bias = column_bias = block_bias = None
-    if bias is not None:
-        positions = torch.arange(L, device=q.device)
-        row_bias = bias(positions[:1, None], positions[None, :])[:, :, 0].to(q.dtype)
-        query_pos = 1 + torch.arange(num_blocks * G, device=q.device).view(num_blocks, G, 1)
-        query_pos = query_pos.clamp(max=N)  # padded queries are dropped at the end
-        column_bias = bias(query_pos, torch.zeros_like(query_pos)).to(q.dtype)
-        block_bias = bias(query_pos, key_tokens[:, None, :]).to(q.dtype)
-    if num_blocks * G != N:  # padding is never attended (footnote 2)
-        pad_bias = torch.zeros(key_pos.shape, dtype=q.dtype, device=q.device)
-        pad_bias = pad_bias.masked_fill(key_pos > N, float("-inf"))[:, None, :]  # (N_b, 1, K G)
-        block_bias = pad_bias if block_bias is None else block_bias + pad_bias
-
-    if impl == "bmm":
-        return _BlockSparseAttention.apply(q, k, v, layout, G, row_bias, column_bias, block_bias)
-
-    scale = D ** -0.5
-    # --- Eq. 9, the class token's row: it attends to all 1 + N tokens. O(N) and computed apart,
-    # which also yields the scores of Eq. 10.
-    cls_logits = torch.einsum("bhd,bhjd->bhj", q[:, :, 0] * scale, k)  # (B, H, 1 + N)
-    if row_bias is not None:
-        cls_logits = cls_logits + row_bias
-    cls_probs = cls_logits.softmax(dim=-1)
-    cls_out = torch.einsum("bhj,bhjd->bhd", cls_probs, v)  # (B, H, D)
-
-    # --- Eq. 7-9, the regional rows: query block n attends to the class token (Eq. 9) and to the K
-    # blocks layout[n] (Eq. 7-8), X = 1 + K G keys. One gather per tensor: (B, H, N_b, X, D)
-    key_tokens = F.pad(key_tokens, (1, 0))  # the class token (position 0) first
-    X = key_tokens.shape[1]
-    k_rows = k.index_select(2, key_tokens.flatten()).view(B, H, num_blocks, X, D)
-    v_rows = v.index_select(2, key_tokens.flatten()).view(B, H, num_blocks, X, D)
-    q_blocks = _blocks(q[:, :, 1:], G)  # (B, H, N_b, G, D)
-    logit_bias = None
-    if column_bias is not None:
-        logit_bias = torch.cat([column_bias, block_bias], dim=-1)
-    elif block_bias is not None:  # padding only: (N_b, 1, K G) -> (N_b, 1, X)
-        logit_bias = F.pad(block_bias, (1, 0))
-
+    if impl == "einsum":
+        return plain_sparse_attention(q, k, v, block_size, layout, bias)
+    biases = _edge_biases(q, block_size, layout, bias)
     if impl == "sdpa":
-        # fold heads and blocks into one batch axis: 4-D inputs, one kernel call
-        fold = "b h n x d -> b (h n) x d"
-        mask = None
-        if logit_bias is not None:
-            if logit_bias.dim() == 3:  # padding only: (N_b, 1, X) -> (1, H, N_b, 1, X)
-                logit_bias = logit_bias.expand(1, H, *logit_bias.shape)
-            mask = rearrange(logit_bias, "b h n g x -> b (h n) g x")
-        out = F.scaled_dot_product_attention(
-            rearrange(q_blocks, fold), rearrange(k_rows, fold), rearrange(v_rows, fold), attn_mask=mask)
-        out = rearrange(out, "b (h n) g d -> b h (n g) d", h=H)
-    else:
-        logits = torch.einsum("bhngd,bhnxd->bhngx", q_blocks * scale, k_rows)  # Eq. 6 on the edges
-        if logit_bias is not None:
-            logits = logits + logit_bias
-        out = torch.einsum("bhngx,bhnxd->bhngd", logits.softmax(dim=-1), v_rows)  # Eq. 5
-        out = rearrange(out, "b h n g d -> b h (n g) d")
-
-    out = torch.cat([cls_out[:, :, None], out[:, :, :N]], dim=2)  # drop padded queries
-    return out, cls_probs[:, :, 1:]
-
-
-def _gather_blocks(x, layout, block_size):
-    """x (B, H, 1 + N, D), layout (N_b, K) -> (B H N_b, K G, D): the K key blocks of every query block.
-
-    The regional tokens are copied once into whole blocks, (B H N_b, G D), and one index_select
-    picks the blocks (rows of G D numbers: the fastest gather on the CPU).
-    """
-    B, H, L, D = x.shape
-    num_blocks, K = layout.shape
-    blocks = _blocks(x[:, :, 1:], block_size).reshape(B * H * num_blocks, block_size * D)
-    index = torch.arange(B * H, device=x.device)[:, None] * num_blocks + layout.flatten()  # (B H, N_b K)
-    return blocks.index_select(0, index.flatten()).view(B * H * num_blocks, K * block_size, D)
-
-
-class _BlockSparseAttention(torch.autograd.Function):
-    """`sparse_attention` as batched matrix products with a hand-written backward (impl="bmm").
-
-    The einsum path's equations, arranged for speed on the CPU:
-
-    * heads and query blocks share one batch axis, so each product is one ``bmm`` over (B H N_b)
-      small matrices: G x D queries against the K G keys of the query block's K blocks;
-    * the global edges (Eq. 9), the class token's row and its column, are computed apart: the
-      column joins the blocks' softmax as one more logit per query. With the paper's (K, G) =
-      (4, 56) the products then run on 224 keys rather than 225, which the CPU's matrix kernels
-      take ~25% faster;
-    * the softmax backward uses delta = rowsum(dO * O), as FlashAttention does, not a pass over P;
-    * gradients of the gathered keys and values are added back block by block (index_add over
-      whole G x D blocks), into buffers that the class row's outer products start: no zero fill,
-      no autograd accumulation afterwards.
-
-    Saved for backward: the scaled query blocks, k, v, the probabilities P of the block edges
-    (B H N_b, G, K G), the class column's and the class row's probabilities, and the output, laid
-    out as the output projection keeps it: O(N (K G + D)) per head. The gathered keys and values
-    are gathered again in backward rather than kept: they are K times the size of k.
-    """
-
-    @staticmethod
-    def forward(ctx, q, k, v, layout, block_size, row_bias, column_bias, block_bias):
-        B, H, L, D = q.shape
-        N, G = L - 1, block_size
-        BH, num_blocks = B * H, layout.shape[0]
-        scale = D ** -0.5
-        k, v = k.contiguous(), v.contiguous()
-        k_cls, v_cls = k[:, :, :1].reshape(BH, 1, D), v[:, :, :1].reshape(BH, 1, D)
-
-        # Eq. 9, the class row: (B H, 1, D) x (B H, D, 1 + N)
-        q_cls = (q[:, :, :1] * scale).reshape(BH, 1, D)
-        row_logits = torch.bmm(q_cls, k.view(BH, L, D).transpose(1, 2))  # (B H, 1, 1 + N)
-        if row_bias is not None:
-            row_logits = row_logits + row_bias.expand(B, H, L).reshape(BH, 1, L)
-        row_probs = row_logits.softmax(dim=-1).to(q.dtype)  # autocast may return float32
-        cls_out = torch.bmm(row_probs, v.view(BH, L, D))  # (B H, 1, D)
-
-        # Eq. 5-8, the regional rows: one (G, D) x (D, K G) product per (batch, head, query block)
-        q_blocks = (_blocks(q[:, :, 1:], G) * scale).reshape(BH * num_blocks, G, D)
-        k_rows = _gather_blocks(k, layout, G)  # (B H N_b, K G, D)
-        probs = torch.bmm(q_blocks, k_rows.transpose(1, 2))  # logits for now: (B H N_b, G, K G)
-        del k_rows  # each gathered tensor lives only as long as its product needs it
-        # Eq. 9, the class token as a key of every regional query: one more logit per query
-        col_logits = torch.bmm(q_blocks.view(BH, -1, D), k_cls.transpose(1, 2))  # (B H, N_b G, 1)
-        col_logits = col_logits.view(BH * num_blocks, G, 1)
-        if block_bias is not None:
-            probs.view(B, H, num_blocks, G, -1).add_(block_bias)
-        if column_bias is not None:
-            col_logits = col_logits + column_bias.expand(B, H, num_blocks, G, 1).reshape(col_logits.shape)
-        # softmax over the 1 + K G logits of each query, in place
-        top = torch.maximum(probs.amax(dim=-1, keepdim=True), col_logits)
-        probs.sub_(top).exp_()
-        col_probs = (col_logits - top).exp_()
-        total = probs.sum(dim=-1, keepdim=True).add_(col_probs)
-        probs.div_(total)
-        col_probs.div_(total)
-        block_out = torch.bmm(probs, _gather_blocks(v, layout, G))  # (B H N_b, G, D)
-        block_out.view(BH, -1, D).baddbmm_(col_probs.view(BH, -1, 1), v_cls)  # + the class token's value
-
-        # the output is laid out (B, 1 + N, H, D), the layout the output projection reads, so the
-        # tensor saved here is the one that projection keeps
-        out = torch.empty(B, L, H, D, dtype=q.dtype, device=q.device)
-        out[:, 0] = cls_out.view(B, H, D)
-        out[:, 1:] = block_out.view(B, H, -1, D)[:, :, :N].transpose(1, 2)
-        out = out.transpose(1, 2)  # (B, H, 1 + N, D)
-        ctx.save_for_backward(q_cls, q_blocks, k, v, layout, row_probs, probs, col_probs, out)
-        ctx.block_size = G
-        ctx.bias_shapes = [None if b is None else b.shape for b in (row_bias, column_bias, block_bias)]
-        return out, row_probs.view(B, H, L)[:, :, 1:].clone()
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_out, grad_cls_attn):
-        q_cls, q_blocks, k, v, layout, row_probs, probs, col_probs, out = ctx.saved_tensors
-        B, H, L, D = k.shape
-        N, G = L - 1, ctx.block_size
-        BH, num_blocks = B * H, layout.shape[0]
-        scale = D ** -0.5
-        k_cls, v_cls = k[:, :, :1].reshape(BH, 1, D), v[:, :, :1].reshape(BH, 1, D)
-
-        # --- class row (Eq. 9)
-        d_cls_out = grad_out[:, :, :1].reshape(BH, 1, D)
-        d_row_probs = torch.bmm(d_cls_out, v.view(BH, L, D).transpose(1, 2))  # (B H, 1, 1 + N)
-        if grad_cls_attn is not None:
-            d_row_probs.view(B, H, L)[:, :, 1:] += grad_cls_attn
-        d_row_logits = row_probs * (d_row_probs - (row_probs * d_row_probs).sum(-1, keepdim=True))
-        # gradients of k and v: the class row's outer products start the buffers, padded to whole
-        # blocks so that the K G rows of each query block are added back block by block
-        rows = 1 + num_blocks * G
-        d_k = _padded(d_row_logits.transpose(1, 2) * q_cls, rows)  # (B H, 1 + N_b G, D)
-        d_v = _padded(row_probs.transpose(1, 2) * d_cls_out, rows)
-        index = layout.flatten()
-
-        def add_blocks(grad, grad_rows):  # grad_rows (B H N_b, K G, D) into grad's blocks
-            grad[:, 1:].view(BH, num_blocks, G * D).index_add_(1, index, grad_rows.view(BH, -1, G * D))
-
-        # --- regional rows. dO: (B H N_b, G, D), zero on padded queries. Each gathered or
-        # (B H N_b, K G, D)-sized tensor is freed as soon as it has been used.
-        d_block = _blocks(grad_out[:, :, 1:], G).reshape(BH * num_blocks, G, D)
-        d_probs = torch.bmm(d_block, _gather_blocks(v, layout, G).transpose(1, 2))  # (B H N_b, G, K G)
-        d_col_probs = torch.bmm(d_block.view(BH, -1, D), v_cls.transpose(1, 2)).view(col_probs.shape)
-        add_blocks(d_v, torch.bmm(probs.transpose(1, 2), d_block))  # dV = P^T dO
-        # softmax backward: dS = P (dP - rowsum(P dP)), and rowsum(P dP) = rowsum(dO O)
-        delta = (grad_out[:, :, 1:] * out[:, :, 1:]).sum(dim=-1, keepdim=True)  # (B, H, N, 1)
-        delta = _blocks(delta, G).reshape(BH * num_blocks, G, 1)
-        d_logits = d_probs.sub_(delta).mul_(probs)
-        d_col_logits = d_col_probs.sub_(delta).mul_(col_probs)  # (B H N_b, G, 1)
-        d_q_blocks = torch.bmm(d_logits, _gather_blocks(k, layout, G))  # (B H N_b, G, D), unscaled
-        d_q_blocks.view(BH, -1, D).baddbmm_(d_col_logits.view(BH, -1, 1), k_cls)
-        add_blocks(d_k, torch.bmm(d_logits.transpose(1, 2), q_blocks))  # dK = dS^T Q
-        # the class token's column: its key and value meet every regional query
-        d_k[:, :1].baddbmm_(d_col_logits.view(BH, 1, -1), q_blocks.view(BH, -1, D))
-        d_v[:, :1].baddbmm_(col_probs.view(BH, 1, -1), d_block.view(BH, -1, D))
-
-        d_q = torch.empty_like(k)
-        d_q[:, :, 0] = torch.bmm(d_row_logits, k.view(BH, L, D)).view(B, H, D) * scale
-        torch.mul(d_q_blocks.view(B, H, -1, D)[:, :, :N], scale, out=d_q[:, :, 1:])
-
-        d_biases = [None, None, None]
-        for i, (grad, shape) in enumerate(zip((d_row_logits, d_col_logits, d_logits), ctx.bias_shapes)):
-            if ctx.needs_input_grad[5 + i]:
-                d_biases[i] = grad.reshape(B, H, *shape[2:]).sum_to_size(shape)
-        return (d_q, d_k[:, :L].view(B, H, L, D), d_v[:, :L].view(B, H, L, D), None, None, *d_biases)
+        return _sdpa_sparse_attention(q, k, v, block_size, layout, *biases)
+    chunk = _heads_per_chunk(*layout.shape, block_size, q.shape[-1], q.element_size())
+    return _BlockSparseAttention.apply(q, k, v, layout, block_size, chunk, *biases)
 
 
 def dense_attention(q, k, v, bias=None):
-    """Full attention over all 1 + N tokens with the same `bias` convention; returns (out, cls_attn)."""
+    """Full attention over all 1 + N tokens with `sparse_attention`'s `bias` convention.
+
+    Returns (out, cls_attn). With a bias it builds the (B or 1, H, 1 + N, 1 + N) table of every
+    pair's bias."""
     L = q.shape[2]
     mask = None
     if bias is not None:
@@ -357,11 +183,11 @@ def edge_count(num_tokens, block_size, layout_width):
 class SparseSelfAttention(nn.Module):
     """Multi-head self-attention with edge sparsity (Eq. 3-9); dense when ``block_size=None``.
 
-    forward(x, bias=None, generator=None) -> (out, cls_attn, edges): x (B, 1 + N, C); cls_attn
-    (B, H, N) for node pruning; `edges` the number of query-key pairs per head that the layer
-    computed (Eq. 17 when sparse, (1 + N)^2 when dense). A fresh random layout is drawn at every
-    call (once per forward and layer, shared by batch and heads); pass a seeded `generator` to make
-    it reproducible.
+    forward(x, bias=None, generator=None) -> (out, cls_attn): x and out (B, 1 + N, C); cls_attn
+    (B, H, N), the class token's attention weights for node pruning (Eq. 10). A fresh random layout
+    is drawn at every call (once per forward and layer, shared by batch and heads); pass a seeded
+    `generator` to make it reproducible. `edges(num_tokens)` counts the query-key pairs per head
+    that a call computes (Eq. 17 when sparse, (1 + N)^2 when dense).
     """
 
     def __init__(self, *, dim, num_heads, block_size=None, local_blocks=1, random_blocks=3,
@@ -377,18 +203,319 @@ class SparseSelfAttention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x, bias=None, generator=None):
-        q, k, v = rearrange(self.qkv(x), "b l (three h d) -> three b h l d", three=3, h=self.num_heads)
-        L = x.shape[1]
+        qkv = rearrange(self.qkv(x), "b l (three h d) -> three b h l d", three=3, h=self.num_heads)
+        q, k, v = qkv
         if self.block_size is None:
             out, cls_attn = dense_attention(q, k, v, bias)
-            edges = L * L
         else:
-            num_blocks = math.ceil((L - 1) / self.block_size)
+            num_blocks = math.ceil((x.shape[1] - 1) / self.block_size)
             layout = block_layout(num_blocks, self.local_blocks, self.random_blocks, generator,
                                   device=x.device if generator is None else generator.device)
             out, cls_attn = sparse_attention(q, k, v, self.block_size, layout, bias, impl=self.impl)
-            edges = edge_count(L, self.block_size, layout.shape[1])
-        return self.proj(rearrange(out, "b h l d -> b l (h d)")), cls_attn, edges
+        return self.proj(rearrange(out, "b h l d -> b l (h d)")), cls_attn
+
+    def edges(self, num_tokens):
+        """Query-key pairs per head that a call on `num_tokens` tokens (class token included)
+        computes."""
+        if self.block_size is None:
+            return num_tokens * num_tokens
+        num_blocks = math.ceil((num_tokens - 1) / self.block_size)
+        width = min(self.local_blocks + self.random_blocks, num_blocks)
+        return edge_count(num_tokens, self.block_size, width)
+
+
+# --------------------------------------------------------------------------------------------
+# The same equations, fast: the biases of the edges, the fused-kernel shape (sdpa)
+# --------------------------------------------------------------------------------------------
+
+def _edge_biases(q, block_size, layout, bias):
+    """The logit biases of the edges, each None or a tensor: the class row (B or 1, H, 1 + N), the
+    class token's column (B or 1, H, N_b, G, 1) and the block edges (B or 1, H, N_b, G, K G), with
+    -inf on the keys that pad the last block ((N_b, 1, K G) when there is no `bias`)."""
+    L, G, num_blocks = q.shape[2], block_size, layout.shape[0]
+    N = L - 1
+    key_pos = _edges(G, layout)  # (N_b, K G)
+    row_bias = column_bias = block_bias = None
+    if bias is not None:
+        positions = torch.arange(L, device=q.device)
+        row_bias = bias(positions[:1, None], positions[None, :])[:, :, 0].to(q.dtype)
+        query_pos = 1 + torch.arange(num_blocks * G, device=q.device).view(num_blocks, G, 1)
+        query_pos = query_pos.clamp(max=N)  # padded queries are dropped at the end
+        column_bias = bias(query_pos, torch.zeros_like(query_pos)).to(q.dtype)
+        block_bias = bias(query_pos, key_pos.clamp(max=N)[:, None, :]).to(q.dtype)
+    if num_blocks * G != N:  # padding is never attended (footnote 2)
+        pad_bias = torch.zeros(key_pos.shape, dtype=q.dtype, device=q.device)
+        pad_bias = pad_bias.masked_fill(key_pos > N, float("-inf"))[:, None, :]  # (N_b, 1, K G)
+        block_bias = pad_bias if block_bias is None else block_bias + pad_bias
+    return row_bias, column_bias, block_bias
+
+
+def _sdpa_sparse_attention(q, k, v, block_size, layout, row_bias, column_bias, block_bias):
+    """`plain_sparse_attention` with the regional rows as one 4-D scaled_dot_product_attention
+    call: heads and query blocks folded into its batch axis (impl="sdpa")."""
+    B, H, L, D = q.shape
+    N, G, num_blocks = L - 1, block_size, layout.shape[0]
+    # Eq. 9, the class token's row
+    cls_logits = torch.einsum("bhd,bhjd->bhj", q[:, :, 0] * D ** -0.5, k)  # (B, H, 1 + N)
+    if row_bias is not None:
+        cls_logits = cls_logits + row_bias
+    cls_probs = cls_logits.softmax(dim=-1)
+    cls_out = torch.einsum("bhj,bhjd->bhd", cls_probs, v)  # (B, H, D)
+    # Eq. 5-9, the regional rows against the class token and their K blocks: X = 1 + K G keys
+    key_tokens = F.pad(_edges(G, layout).clamp(max=N), (1, 0))  # (N_b, X)
+    X = key_tokens.shape[1]
+    k_rows = k.index_select(2, key_tokens.flatten()).view(B, H, num_blocks, X, D)
+    v_rows = v.index_select(2, key_tokens.flatten()).view(B, H, num_blocks, X, D)
+    mask = None
+    if column_bias is not None:
+        mask = torch.cat([column_bias, block_bias], dim=-1)  # (B or 1, H, N_b, G, X)
+    elif block_bias is not None:  # padding only: (N_b, 1, K G) -> (1, H, N_b, 1, X)
+        mask = F.pad(block_bias, (1, 0)).expand(1, H, num_blocks, 1, X)
+    fold = "b h n x d -> b (h n) x d"
+    if mask is not None:
+        mask = rearrange(mask, "b h n g x -> b (h n) g x")
+    q_blocks = _blocks(q[:, :, 1:], G)  # (B, H, N_b, G, D)
+    out = F.scaled_dot_product_attention(rearrange(q_blocks, fold), rearrange(k_rows, fold),
+                                         rearrange(v_rows, fold), attn_mask=mask)
+    out = rearrange(out, "b (h n) g d -> b h (n g) d", h=H)[:, :, :N]  # drop padded queries
+    return torch.cat([cls_out[:, :, None], out], dim=2), cls_probs[:, :, 1:]
+
+
+def _edges(block_size, layout):
+    """Token positions of the block keys of every query block: (N_b, K G), the G tokens of each
+    block of layout[n]. Positions past N are the padding of the last block."""
+    G = block_size
+    blocks = 1 + layout[:, :, None] * G + torch.arange(G, device=layout.device)  # (N_b, K, G)
+    return rearrange(blocks, "n k g -> n (k g)")
+
+
+def _blocks(x, block_size):
+    """(B, H, N, D) regional tokens -> (B, H, N_b, G, D), zero-padding the last block."""
+    pad = -x.shape[2] % block_size
+    if pad:
+        x = F.pad(x, (0, 0, 0, pad))
+    return rearrange(x, "b h (n g) d -> b h n g d", g=block_size)
+
+
+# --------------------------------------------------------------------------------------------
+# The same equations, fast on the CPU: batched products, a few heads at a time, and a
+# hand-written backward (impl="bmm")
+# --------------------------------------------------------------------------------------------
+
+CHUNK_BYTES = 8 * 2**20
+"""Largest temporary the CPU path allocates for a group of heads. glibc's malloc hands blocks over
+32 MB (its largest mmap threshold) straight back to the OS when they are freed, so a temporary that
+size is mapped and page-faulted in anew at every call; smaller freed blocks are mostly reused.
+Measured at T = 16 (12 heads of 64, G = 56, K = 4) in a plain process: one forward+backward
+page-faulted ~285 MB in with all heads at once (34-38 MB temporaries), ~30 MB with 8 MB chunks
+(2 heads), 45-90 MB with 16 MB chunks; 4 MB chunks faulted no less and cost more CPU time."""
+
+
+def _heads_per_chunk(num_blocks, layout_width, block_size, head_dim, element_size):
+    """Heads whose (N_b, G, K G) probabilities and (N_b, K G, D) gathered keys fit CHUNK_BYTES."""
+    keys = layout_width * block_size
+    per_head = num_blocks * keys * max(block_size, head_dim) * element_size
+    return max(1, CHUNK_BYTES // per_head)
+
+
+def _chunks(batch, heads, heads_per_chunk):
+    """Groups of (batch item, head) pairs, consecutive in (B H) order: whole batch items when
+    `heads_per_chunk` >= heads, otherwise up to `heads_per_chunk` heads of one item. Yields
+    (b0, b1, h0, h1): the items b0..b1-1 and their heads h0..h1-1."""
+    if heads_per_chunk >= heads:
+        items = heads_per_chunk // heads
+        for b0 in range(0, batch, items):
+            yield b0, min(b0 + items, batch), 0, heads
+    else:
+        for b in range(batch):
+            for h0 in range(0, heads, heads_per_chunk):
+                yield b, b + 1, h0, min(h0 + heads_per_chunk, heads)
+
+
+def _padded(x, length):
+    """(M, L, D) -> (M, length, D), zero rows appended (x itself when L == length)."""
+    return x if x.shape[1] == length else F.pad(x, (0, 0, 0, length - x.shape[1]))
+
+
+def _whole_blocks(x, block_size):
+    """x (B, H, 1 + N, D), contiguous -> (B H, N_b, G D): the regional tokens as whole blocks, rows
+    of G D numbers that index_select picks fastest on the CPU. A view of x when G divides N, a
+    zero-padded copy otherwise."""
+    B, H, L, D = x.shape
+    if (L - 1) % block_size:
+        return _blocks(x[:, :, 1:], block_size).reshape(B * H, -1, block_size * D)
+    return x.view(B * H, L, D)[:, 1:].view(B * H, -1, block_size * D)
+
+
+class _BlockSparseAttention(torch.autograd.Function):
+    """`sparse_attention` as batched matrix products with a hand-written backward (impl="bmm").
+
+    The equations of `plain_sparse_attention`, arranged for speed on the CPU:
+
+    * heads and query blocks share one batch axis, so each product is one ``bmm`` over small
+      matrices: G x D queries against the K G keys of the query block's K blocks;
+    * the regional rows are computed a few heads at a time (`_chunks`), so that no temporary
+      passes CHUNK_BYTES: the allocator then mostly reuses freed blocks instead of mapping fresh
+      pages at every call (~30 MB page-faulted per call at T = 16 rather than ~285 MB), with no
+      process-wide allocator setting;
+    * the global edges (Eq. 9), the class token's row and its column, are computed apart for all
+      heads at once: the column joins the blocks' softmax as one more logit per query. With the
+      paper's (K, G) = (4, 56) the products then run on 224 keys rather than 225, which the CPU's
+      matrix kernels take ~25% faster;
+    * the softmax backward uses delta = rowsum(dO * O), as FlashAttention does, not a pass over P;
+    * gradients of the gathered keys and values are added back block by block (index_add over
+      whole G x D blocks), into buffers that the class row's outer products start.
+
+    Saved for backward: the scaled query blocks, k, v, the probabilities P of the block edges
+    (one (heads N_b, G, K G) tensor per chunk), the class column's and the class row's
+    probabilities, and the output, laid out as the output projection keeps it: O(N (K G + D)) per
+    head. The gathered keys and values are gathered again in backward rather than kept: they are
+    K times the size of k.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, layout, block_size, heads_per_chunk, row_bias, column_bias,
+                block_bias):
+        B, H, L, D = q.shape
+        N, G = L - 1, block_size
+        BH, (num_blocks, K) = B * H, layout.shape
+        scale = D ** -0.5
+        k, v = k.contiguous(), v.contiguous()
+        k_cls, v_cls = k[:, :, :1].reshape(BH, 1, D), v[:, :, :1].reshape(BH, 1, D)
+
+        # Eq. 9, the class row: (B H, 1, D) x (B H, D, 1 + N)
+        q_cls = (q[:, :, :1] * scale).reshape(BH, 1, D)
+        row_logits = torch.bmm(q_cls, k.view(BH, L, D).transpose(1, 2))  # (B H, 1, 1 + N)
+        if row_bias is not None:
+            row_logits = row_logits + row_bias.expand(B, H, L).reshape(BH, 1, L)
+        row_probs = row_logits.softmax(dim=-1).to(q.dtype)  # autocast may return float32
+        cls_out = torch.bmm(row_probs, v.view(BH, L, D))  # (B H, 1, D)
+
+        # Eq. 9, the class token as a key of every regional query: one more logit per query
+        q_blocks = (_blocks(q[:, :, 1:], G) * scale).reshape(BH, num_blocks, G, D)
+        col_logits = torch.bmm(q_blocks.view(BH, -1, D), k_cls.transpose(1, 2))  # (B H, N_b G, 1)
+        col_logits = col_logits.view(BH, num_blocks, G, 1)
+        if column_bias is not None:
+            col_bias = column_bias.expand(B, H, num_blocks, G, 1).reshape(col_logits.shape)
+            col_logits = col_logits + col_bias
+        if block_bias is not None:
+            block_bias = block_bias.expand(B, H, num_blocks, G, K * G)
+
+        # Eq. 5-8, the regional rows, a chunk of heads at a time: one (G, D) x (D, K G) product per
+        # (batch, head, query block), then the softmax over the 1 + K G logits of each query
+        k_blocks, v_blocks = _whole_blocks(k, G), _whole_blocks(v, G)  # (B H, N_b, G D)
+        block_out = torch.empty(BH, num_blocks, G, D, dtype=q.dtype, device=q.device)
+        col_probs = torch.empty_like(col_logits)
+        all_probs, index = [], layout.flatten()
+        for b0, b1, h0, h1 in _chunks(B, H, heads_per_chunk):
+            heads = slice(b0 * H + h0, (b1 - 1) * H + h1)
+            k_rows = k_blocks[heads].index_select(1, index).view(-1, K * G, D)  # (h N_b, K G, D)
+            probs = torch.bmm(q_blocks[heads].view(-1, G, D), k_rows.transpose(1, 2))  # logits yet
+            del k_rows  # each gathered tensor lives only as long as its product needs it
+            if block_bias is not None:
+                probs.view(b1 - b0, h1 - h0, num_blocks, G, K * G).add_(block_bias[b0:b1, h0:h1])
+            col = col_logits[heads].view(-1, G, 1)
+            top = torch.maximum(probs.amax(dim=-1, keepdim=True), col)  # softmax, in place
+            probs.sub_(top).exp_()
+            col = (col - top).exp_()
+            total = probs.sum(dim=-1, keepdim=True).add_(col)
+            probs.div_(total)
+            torch.div(col, total, out=col_probs[heads].view(-1, G, 1))
+            v_rows = v_blocks[heads].index_select(1, index).view(-1, K * G, D)
+            torch.bmm(probs, v_rows, out=block_out[heads].view(-1, G, D))  # (heads N_b, G, D)
+            del v_rows
+            all_probs.append(probs)
+        block_out.view(BH, -1, D).baddbmm_(col_probs.view(BH, -1, 1), v_cls)  # + the class value
+
+        # the output is laid out (B, 1 + N, H, D), the layout the output projection reads, so the
+        # tensor saved here is the one that projection keeps
+        out = torch.empty(B, L, H, D, dtype=q.dtype, device=q.device)
+        out[:, 0] = cls_out.view(B, H, D)
+        out[:, 1:] = block_out.view(B, H, -1, D)[:, :, :N].transpose(1, 2)
+        out = out.transpose(1, 2)  # (B, H, 1 + N, D)
+        ctx.save_for_backward(q_cls, q_blocks, k, v, layout, row_probs, col_probs, out, *all_probs)
+        ctx.block_size, ctx.heads_per_chunk = G, heads_per_chunk
+        ctx.bias_shapes = [None if b is None else b.shape
+                           for b in (row_bias, column_bias, block_bias)]
+        return out, row_probs.view(B, H, L)[:, :, 1:].clone()
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out, grad_cls_attn):
+        q_cls, q_blocks, k, v, layout, row_probs, col_probs, out, *all_probs = ctx.saved_tensors
+        B, H, L, D = k.shape
+        N, G = L - 1, ctx.block_size
+        BH, (num_blocks, K) = B * H, layout.shape
+        scale = D ** -0.5
+        k_cls, v_cls = k[:, :, :1].reshape(BH, 1, D), v[:, :, :1].reshape(BH, 1, D)
+
+        # --- class row (Eq. 9)
+        d_cls_out = grad_out[:, :, :1].reshape(BH, 1, D)
+        d_row_probs = torch.bmm(d_cls_out, v.view(BH, L, D).transpose(1, 2))  # (B H, 1, 1 + N)
+        if grad_cls_attn is not None:
+            d_row_probs.view(B, H, L)[:, :, 1:] += grad_cls_attn
+        d_row_logits = row_probs * (d_row_probs - (row_probs * d_row_probs).sum(-1, keepdim=True))
+        # gradients of k and v: the class row's outer products start the buffers, padded to whole
+        # blocks so that the K G rows of each query block are added back block by block
+        rows = 1 + num_blocks * G
+        d_k = _padded(d_row_logits.transpose(1, 2) * q_cls, rows)  # (B H, 1 + N_b G, D)
+        d_v = _padded(row_probs.transpose(1, 2) * d_cls_out, rows)
+        d_k_blocks = d_k[:, 1:].view(BH, num_blocks, G * D)
+        d_v_blocks = d_v[:, 1:].view(BH, num_blocks, G * D)
+
+        # --- the class column and the softmax's delta, for all heads at once (small tensors).
+        # dO: (B H, N_b, G, D), zero on padded queries.
+        d_block = _blocks(grad_out[:, :, 1:], G).reshape(BH, num_blocks, G, D).contiguous()
+        d_col_probs = torch.bmm(d_block.view(BH, -1, D), v_cls.transpose(1, 2))
+        d_col_probs = d_col_probs.view(col_probs.shape)
+        # softmax backward: dS = P (dP - rowsum(P dP)), and rowsum(P dP) = rowsum(dO O)
+        delta = (grad_out[:, :, 1:] * out[:, :, 1:]).sum(dim=-1, keepdim=True)  # (B, H, N, 1)
+        delta = _blocks(delta, G).reshape(BH, num_blocks, G, 1)
+        d_col_logits = d_col_probs.sub_(delta).mul_(col_probs)  # (B H, N_b, G, 1)
+
+        # --- regional rows, chunk by chunk as in forward
+        need_block_bias = ctx.needs_input_grad[8]
+        if need_block_bias:
+            d_block_logits = torch.empty(BH, num_blocks, G, K * G, dtype=k.dtype, device=k.device)
+        k_blocks, v_blocks = _whole_blocks(k, G), _whole_blocks(v, G)
+        d_q_blocks = torch.empty(BH, num_blocks, G, D, dtype=k.dtype, device=k.device)  # unscaled
+        index = layout.flatten()
+        for (b0, b1, h0, h1), probs in zip(_chunks(B, H, ctx.heads_per_chunk), all_probs):
+            heads = slice(b0 * H + h0, (b1 - 1) * H + h1)
+            d_out = d_block[heads].view(-1, G, D)
+            v_rows = v_blocks[heads].index_select(1, index).view(-1, K * G, D)
+            d_probs = torch.bmm(d_out, v_rows.transpose(1, 2))  # (heads N_b, G, K G)
+            del v_rows
+            d_v_rows = torch.bmm(probs.transpose(1, 2), d_out)  # dV = P^T dO: (heads N_b, K G, D)
+            d_v_blocks[heads].index_add_(1, index, d_v_rows.view(-1, num_blocks * K, G * D))
+            del d_v_rows
+            d_logits = d_probs.sub_(delta[heads].view(-1, G, 1)).mul_(probs)
+            if need_block_bias:
+                d_block_logits[heads].view(-1, G, K * G).copy_(d_logits)
+            k_rows = k_blocks[heads].index_select(1, index).view(-1, K * G, D)
+            torch.bmm(d_logits, k_rows, out=d_q_blocks[heads].view(-1, G, D))
+            del k_rows
+            # dK = dS^T Q
+            d_k_rows = torch.bmm(d_logits.transpose(1, 2), q_blocks[heads].view(-1, G, D))
+            d_k_blocks[heads].index_add_(1, index, d_k_rows.view(-1, num_blocks * K, G * D))
+            del d_k_rows, d_logits, d_probs
+
+        # the class token's column: its key and value meet every regional query
+        d_q_blocks.view(BH, -1, D).baddbmm_(d_col_logits.view(BH, -1, 1), k_cls)
+        d_k[:, :1].baddbmm_(d_col_logits.view(BH, 1, -1), q_blocks.view(BH, -1, D))
+        d_v[:, :1].baddbmm_(col_probs.view(BH, 1, -1), d_block.view(BH, -1, D))
+
+        d_q = torch.empty_like(k)
+        d_q[:, :, 0] = torch.bmm(d_row_logits, k.view(BH, L, D)).view(B, H, D) * scale
+        torch.mul(d_q_blocks.view(B, H, -1, D)[:, :, :N], scale, out=d_q[:, :, 1:])
+
+        d_biases = [None, None, None]
+        grads = (d_row_logits, d_col_logits, d_block_logits if need_block_bias else None)
+        for i, (grad, shape) in enumerate(zip(grads, ctx.bias_shapes)):
+            if ctx.needs_input_grad[6 + i]:
+                d_biases[i] = grad.reshape(B, H, *shape[2:]).sum_to_size(shape)
+        return (d_q, d_k[:, :L].view(B, H, L, D), d_v[:, :L].view(B, H, L, D), None, None, None,
+                *d_biases)
 
 
 def draw_edges(num_tokens, block_size, layout):
@@ -410,4 +537,5 @@ if __name__ == "__main__":
         print(f"  block {n}: {row}")
     print(draw_edges(N, G, layout))
     mask = attention_mask(N, G, layout)
-    print(f"edges: {int(mask.sum())} of {(N + 1) ** 2} (dense); sparsity {1 - mask.float().mean():.2f}")
+    sparsity = 1 - mask.float().mean()
+    print(f"edges: {int(mask.sum())} of {(N + 1) ** 2} (dense); sparsity {sparsity:.2f}")

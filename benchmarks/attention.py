@@ -14,14 +14,19 @@ process) and the bytes autograd saves for backward (counted with saved-tensor ho
 `--impl flex` runs the same edges through FlexAttention (`flex_sparse_attention` below), a
 candidate to measure against the gather path on a GPU; its backward has no CPU kernel.
 
-On Linux the benchmark keeps freed memory in the process (glibc mallopt), as train.py does: glibc
-otherwise unmaps every block over 32 MB on free, and page-faulting the gathered key/value blocks back
-in costs as much as the attention itself on a small CPU. --system-malloc measures without it.
+Each T runs in a fresh Python process with the allocator's default settings, as a project that
+copies `sparse_attention.py` would run it, and the header prints the allocator. `--keep-freed-memory`
+measures instead under glibc's mallopt(M_MMAP_MAX=0, M_TRIM_THRESHOLD=1 GB), which keeps freed
+memory in the process rather than returning it to the OS (and page-faulting it in again).
 """
 import argparse
 import ctypes
+import json
 import math
+import os
+import platform
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -30,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from sparse_attention import block_layout, sparse_attention  # noqa: E402
+from sparse_attention import block_layout, sparse_attention
 
 
 def flex_block_mask(num_regional, block_size, layout, tile=64):
@@ -140,11 +145,16 @@ def inputs(frames, heads, dim, block_size, local_blocks, random_blocks, device="
 def run(frames, *, heads, dim, block_size, local_blocks, random_blocks, device, dtype, repeats, impl):
     q, k, v, grad, layout = inputs(frames, heads, dim, block_size, local_blocks, random_blocks, device, dtype)
     N = q.shape[2]
-    dense = lambda: F.scaled_dot_product_attention(q, k, v)  # noqa: E731
-    sparse = lambda: sparse_attention(q, k, v, block_size, layout, impl=impl)[0]  # noqa: E731
+    def dense():
+        return F.scaled_dot_product_attention(q, k, v)
+
+    def sparse():
+        return sparse_attention(q, k, v, block_size, layout, impl=impl)[0]
     if impl == "flex":
         mask, padded = flex_block_mask(N - 1, block_size, layout)
-        sparse = lambda: flex_sparse_attention(q, k, v, block_size, layout, mask, padded)  # noqa: E731
+
+        def sparse():
+            return flex_sparse_attention(q, k, v, block_size, layout, mask, padded)
     row = {"T": frames, "N": N, "limit": N / ((local_blocks + random_blocks) * block_size + 1)}
     with torch.no_grad():
         row["dense_fwd"], row["sparse_fwd"] = measure([dense, sparse], device, repeats)
@@ -185,10 +195,34 @@ def peak_rss_child(args):
     print(status("VmHWM:") - before)
 
 
+def keep_freed_memory():
+    """glibc: keep freed blocks in the process (M_MMAP_MAX = 0, M_TRIM_THRESHOLD = 1 GB)."""
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallopt(-4, 0)
+    libc.mallopt(-1, 1 << 30)
+
+
+def allocator(device, keep_freed):
+    """The allocator this process runs under, in words."""
+    if device.type == "cuda":
+        return "PyTorch's CUDA caching allocator"
+    name, version = platform.libc_ver()
+    words = f"{name or 'libc'} {version} malloc".strip()
+    words += ", mallopt(M_MMAP_MAX=0, M_TRIM_THRESHOLD=1 GB)" if keep_freed else ", default settings"
+    env = [f"{k}={v}" for k, v in sorted(os.environ.items()) if k.startswith("MALLOC_") or k == "LD_PRELOAD"]
+    return words + (f"; environment {' '.join(env)}" if env else "")
+
+
+def row_in_child(frames, argv):
+    """`run` for one T in a fresh process (--row-child): each row starts from a new allocator."""
+    result = subprocess.run([sys.executable, __file__, *argv, "--row-child", str(frames)],
+                            capture_output=True, text=True, check=True)
+    return json.loads(result.stdout.splitlines()[-1])
+
+
 def cpu_peak(frames, which, argv, runs=3):
     """Peak memory of one CPU forward+backward above its inputs: the median over `runs` child
     processes."""
-    import subprocess
     peaks = [int(subprocess.run([sys.executable, __file__, *argv, "--peak-child", str(frames), which],
                                 capture_output=True, text=True, check=True).stdout.split()[-1])
              for _ in range(runs)]
@@ -210,35 +244,40 @@ def main():
     parser.add_argument("--profile", metavar="DIR",
                         help="also profile 3 sparse forward+backward calls at the largest T: print the "
                              "operators by time and write a trace to DIR for TensorBoard's profiler plugin")
-    parser.add_argument("--system-malloc", action="store_true", help="leave glibc's allocator settings alone")
+    parser.add_argument("--keep-freed-memory", action="store_true",
+                        help="glibc: mallopt(M_MMAP_MAX=0, M_TRIM_THRESHOLD=1 GB) in each timing process")
     parser.add_argument("--peak-child", nargs=2, metavar=("T", "WHICH"), help=argparse.SUPPRESS)
+    parser.add_argument("--row-child", type=int, metavar="T", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if not args.system_malloc:
-        try:  # M_MMAP_MAX = 0, M_TRIM_THRESHOLD = 1 GB: keep freed blocks for reuse
-            libc = ctypes.CDLL("libc.so.6")
-            libc.mallopt(-4, 0)
-            libc.mallopt(-1, 1 << 30)
-        except (OSError, AttributeError):
-            pass
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    local_blocks, random_blocks, block_size = args.blocks
     if args.peak_child:
         return peak_rss_child(args)
-    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    if args.row_child:
+        if args.keep_freed_memory:
+            keep_freed_memory()
+        row = run(args.row_child, heads=args.heads, dim=args.dim, block_size=block_size,
+                  local_blocks=local_blocks, random_blocks=random_blocks, device=device, dtype=dtype,
+                  repeats=args.repeats, impl=args.impl)
+        return print(json.dumps(row))
     if args.impl == "flex" and device.type != "cuda":
         parser.error("--impl flex needs --device cuda: FlexAttention has no backward on the CPU")
-    local_blocks, random_blocks, block_size = args.blocks
     # peak memory: the CUDA allocator's; on the CPU the rise of the resident set in a child process
-    # (Linux) that leaves glibc's allocator alone, so that freed blocks leave the resident set
+    # (Linux) with the allocator's default settings, so that freed blocks leave the resident set
     cpu_peaks = device.type == "cpu" and Path("/proc/self/clear_refs").exists()
     child_argv = ["--heads", str(args.heads), "--dim", str(args.dim), "--blocks", *map(str, args.blocks),
-                  "--impl", args.impl, "--system-malloc"]
+                  "--impl", args.impl]
+    row_argv = [*child_argv, "--device", args.device, "--dtype", args.dtype, "--repeats", str(args.repeats)]
+    if args.keep_freed_memory:
+        row_argv.append("--keep-freed-memory")
     print(f"device {device}, {args.dtype}, B=1 H={args.heads} D={args.dim}, "
           f"(K_l, K_r, G) = {tuple(args.blocks)}, sparse impl {args.impl}, median of {args.repeats} runs")
+    print(f"allocator: {allocator(device, args.keep_freed_memory)}; each T in a fresh process")
     print(f"{'T':>3} {'N':>5} | {'fwd dense':>9} {'sparse':>8} {'x':>6} | {'f+b dense':>9} {'sparse':>8} "
           f"{'x':>6} | {'limit':>5} | {'peak MB dense':>13} {'sparse':>7} | {'saved MB dense':>14} {'sparse':>7} "
           f"{'KB/token':>8}")
     for frames in args.frames:
-        r = run(frames, heads=args.heads, dim=args.dim, block_size=block_size, local_blocks=local_blocks,
-                random_blocks=random_blocks, device=device, dtype=dtype, repeats=args.repeats, impl=args.impl)
+        r = row_in_child(frames, row_argv)
         if cpu_peaks:
             r["dense_peak"], r["sparse_peak"] = (cpu_peak(frames, name, child_argv) for name in ("dense", "sparse"))
         peaks = (f"{r['dense_peak'] / 2**20:>13.1f} {r['sparse_peak'] / 2**20:>7.1f}" if "dense_peak" in r
@@ -256,7 +295,9 @@ def main():
 def profile(frames, trace_dir, *, heads, dim, block_size, local_blocks, random_blocks, device, dtype, impl):
     """Where the sparse attention's time goes: torch.profiler over 3 forward+backward calls."""
     q, k, v, grad, layout = inputs(frames, heads, dim, block_size, local_blocks, random_blocks, device, dtype)
-    step = lambda: sparse_attention(q, k, v, block_size, layout, impl=impl)[0].backward(grad)  # noqa: E731
+
+    def step():
+        sparse_attention(q, k, v, block_size, layout, impl=impl)[0].backward(grad)
     step()  # warm-up
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":

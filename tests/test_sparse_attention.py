@@ -4,8 +4,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sparse_attention import (SparseSelfAttention, attention_mask, block_layout, dense_attention,
-                              edge_count, sparse_attention)
+from sparse_attention import (
+    SparseSelfAttention,
+    attention_mask,
+    block_layout,
+    dense_attention,
+    edge_count,
+    sparse_attention,
+)
 
 
 def relative_bias(num_heads, seed=0):
@@ -88,7 +94,7 @@ def test_impls_agree_on_strided_inputs():
     for impl in ("einsum", "bmm"):
         torch.manual_seed(1)
         attn = SparseSelfAttention(dim=24, num_heads=3, block_size=8, local_blocks=1, random_blocks=2, impl=impl)
-        out, cls_attn, _ = attn(x, generator=torch.Generator().manual_seed(3))
+        out, cls_attn = attn(x, generator=torch.Generator().manual_seed(3))
         grad_x, grad_w = torch.autograd.grad(out.square().sum() + cls_attn.sum(), (x, attn.qkv.weight))
         results.append((out, cls_attn, grad_x, grad_w))
     for a, b in zip(*results):
@@ -139,7 +145,7 @@ def test_no_square_tensor_is_built(impl):
         largest = max(largest, t.numel())
         return t
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out, _ = sparse_attention(q, k, v, G, layout, relative_bias(1), impl=impl)
+        sparse_attention(q, k, v, G, layout, relative_bias(1), impl=impl)
     assert largest < N * N / 4
     assert largest <= (N + G) * (1 + 4 * G) * 4
 
@@ -150,10 +156,11 @@ def test_module_shapes_edges_and_class_row():
     dense = SparseSelfAttention(dim=32, num_heads=4, block_size=None)
     dense.load_state_dict(sparse.state_dict())
     x = torch.randn(2, 1 + 30, 32)
-    out, cls_attn, edges = sparse(x, generator=torch.Generator().manual_seed(0))
-    dense_out, dense_cls, dense_edges = dense(x)
+    out, cls_attn = sparse(x, generator=torch.Generator().manual_seed(0))
+    dense_out, dense_cls = dense(x)
     assert out.shape == x.shape and cls_attn.shape == (2, 4, 30)
-    assert edges == 31 * 3 * 4 and dense_edges == 31 * 31
+    assert sparse.edges(31) == 31 * 3 * 4 and dense.edges(31) == 31 * 31
+    assert sparse.edges(1 + 8) == 9 * 2 * 4  # two blocks: the layout is only two wide
     # the class token attends to every token in both modes (Eq. 9)
     torch.testing.assert_close(out[:, 0], dense_out[:, 0], atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(cls_attn, dense_cls, atol=1e-6, rtol=1e-4)
@@ -175,6 +182,7 @@ def test_sparse_with_all_blocks_equals_dense():
     out, cls_attn = sparse_attention(q, k, v, 4, layout)
     ref = F.scaled_dot_product_attention(q, k, v)
     torch.testing.assert_close(out, ref)
+    assert cls_attn.shape == (1, 2, 24)
 
 
 def test_auto_trains_with_bmm_and_infers_with_sdpa(monkeypatch):
@@ -189,3 +197,44 @@ def test_auto_trains_with_bmm_and_infers_with_sdpa(monkeypatch):
     with torch.no_grad():
         sparse_attention(q, k, v, 4, layout)
     assert calls == ["bmm", "sdpa"]
+
+
+@pytest.mark.parametrize("batch,heads,heads_per_chunk", [(2, 5, 2), (3, 3, 7), (2, 3, 1)])
+def test_chunks_cover_every_head_once_in_order(batch, heads, heads_per_chunk):
+    import sparse_attention as module
+    covered = []
+    for b0, b1, h0, h1 in module._chunks(batch, heads, heads_per_chunk):
+        assert b1 - b0 == 1 or (h0, h1) == (0, heads)  # within one item, or whole items
+        assert (b1 - b0) * (h1 - h0) <= max(heads_per_chunk, 1)
+        covered += range(b0 * heads + h0, (b1 - 1) * heads + h1)
+    assert covered == list(range(batch * heads))
+
+
+@pytest.mark.parametrize("heads_per_chunk", [2, 7])  # 2 does not divide the 5 heads; 7 spans items
+@pytest.mark.parametrize("per_item_bias", [False, True])
+def test_chunked_bmm_equals_plain_path(monkeypatch, heads_per_chunk, per_item_bias):
+    """The CPU path, run a few heads at a time, gives the plain path's output, class weights and
+    gradients of q, k, v and the bias table."""
+    import sparse_attention as module
+    B, H, N, G, D, K = 3, 5, 30, 4, 8, 3
+    per_head = math.ceil(N / G) * K * G * max(G, D) * 8  # float64 bytes of one head's temporaries
+    monkeypatch.setattr(module, "CHUNK_BYTES", heads_per_chunk * per_head)
+    assert module._heads_per_chunk(math.ceil(N / G), K, G, D, 8) == heads_per_chunk
+    g = torch.Generator().manual_seed(4)
+    layout = block_layout(math.ceil(N / G), 1, K - 1, g)
+    table = torch.randn(B if per_item_bias else 1, H, 2 * 64 + 1, generator=g, dtype=torch.float64,
+                        requires_grad=True)
+
+    def bias(query_pos, key_pos):
+        return table[:, :, (key_pos - query_pos).clamp(-64, 64) + 64]
+    q, k, v = (torch.randn(B, H, 1 + N, D, dtype=torch.float64, generator=g, requires_grad=True)
+               for _ in range(3))
+    w, w_cls = torch.randn(B, H, 1 + N, D, generator=g, dtype=torch.float64), torch.randn(
+        B, H, N, generator=g, dtype=torch.float64)
+    results = []
+    for impl in ("bmm", "einsum"):
+        out, cls_attn = sparse_attention(q, k, v, G, layout, bias, impl=impl)
+        grads = torch.autograd.grad((out * w).sum() + (cls_attn * w_cls).sum(), (q, k, v, table))
+        results.append((out, cls_attn, *grads))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-8)
