@@ -542,9 +542,14 @@ def search_command(args, device):
             if not args.index:
                 raise SystemExit("--search needs --index INDEX.pt, made by `python eval.py --index VIDEO_DIR`")
             index = search.load_features(args.index, "video_index")
-            checkpoint = Path(args.checkpoint or index["checkpoint"])
-            if args.checkpoint and checkpoint.resolve() != Path(index["checkpoint"]).resolve():
-                raise SystemExit(f"{args.index} holds features of {index['checkpoint']}, not of {checkpoint}")
+            recorded = index["checkpoint"]
+            if not (args.checkpoint or recorded):
+                raise SystemExit(f"{args.index} names no checkpoint: pass --checkpoint")
+            checkpoint = Path(args.checkpoint or recorded)
+            if recorded and checkpoint.resolve() != Path(recorded).resolve():
+                raise SystemExit(f"{args.index} holds features of {recorded}, not of {checkpoint}")
+            if recorded and checkpoint.exists() and checkpoint.stat().st_mtime_ns != index["checkpoint_mtime"]:
+                print(f"warning: {checkpoint} changed after {args.index} was made; run --index again")
             model, config, _ = load_model(checkpoint, device, **search.model_overrides(index))
             tokenizer = data.default_tokenizer(text_model_path(config.text_model))
             start = time.perf_counter()

@@ -45,6 +45,7 @@ import re
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 import data
 
@@ -64,8 +65,9 @@ def video_paths(source, video_root=None) -> list[str]:
     their order (relative to `video_root`, by default the annotation's folder), or one video."""
     source = Path(source)
     if source.is_dir():
-        found = (p for p in source.rglob("*") if p.suffix.lower() in VIDEO_EXTENSIONS and p.is_file())
-        return sorted(os.path.abspath(p) for p in found)
+        found = source.rglob("*")
+        return sorted(os.path.abspath(p) for p in found
+                      if p.suffix.lower() in VIDEO_EXTENSIONS and p.is_file())
     if not source.is_file():
         raise FileNotFoundError(f"{source}: no such folder, video or annotation file")
     if source.suffix.lower() in VIDEO_EXTENSIONS:
@@ -115,7 +117,7 @@ def model_overrides(index) -> dict:
     s = index["sparsity"]
     if s["block_size"] is None and s["keep_rate_v"] == 1 and s["keep_rate_m"] == 1:
         return {"dense": True}
-    blocks = None if s["block_size"] is None else (s["local_blocks"], s["random_blocks"], s["block_size"])
+    blocks = (s["local_blocks"], s["random_blocks"], s["block_size"]) if s["block_size"] else None
     return {"keep_rate_v": s["keep_rate_v"], "keep_rate_m": s["keep_rate_m"], "blocks": blocks}
 
 
@@ -148,8 +150,8 @@ def index_videos(model, paths, *, device=None, checkpoint="", batch_size=16, wor
     device = _device(model, device)
     config = model.config
     checkpoint = os.path.abspath(checkpoint) if checkpoint else ""
-    settings = {"checkpoint": checkpoint,
-                "checkpoint_mtime": os.stat(checkpoint).st_mtime_ns if os.path.isfile(checkpoint) else None,
+    stamp = os.stat(checkpoint).st_mtime_ns if os.path.isfile(checkpoint) else None
+    settings = {"checkpoint": checkpoint, "checkpoint_mtime": stamp,
                 "frames": config.frames, "image_size": config.image_size,
                 "sparsity": sparsity_of(config), "seed": seed}
     reusable = {}
@@ -175,28 +177,30 @@ def index_videos(model, paths, *, device=None, checkpoint="", batch_size=16, wor
         else:
             feats[i] = existing["video_feat"][j]
 
-    from tqdm import tqdm
-    loader = torch.utils.data.DataLoader(_Clips([paths[i] for i in todo], config.frames, config.image_size),
-                                         batch_size=batch_size, num_workers=workers, collate_fn=_as_list)
+    clips = _Clips([paths[i] for i in todo], config.frames, config.image_size)
+    loader = torch.utils.data.DataLoader(clips, batch_size=batch_size, num_workers=workers,
+                                         collate_fn=_as_list)
     with tqdm(total=len(todo), unit="video", desc="indexing", disable=not progress) as bar:
         for items in loader:
             readable = [(todo[j], clip) for j, clip, _ in items if clip is not None]
             unreadable.update((todo[j], reason) for j, clip, reason in items if clip is None)
             if readable:
-                _, feat = encode_clips(model, torch.stack([clip for _, clip in readable]), seed, device)
+                batch = torch.stack([clip for _, clip in readable])  # (B, T, 3, S, S)
+                _, feat = encode_clips(model, batch, seed, device)
                 feats.update((i, f) for (i, _), f in zip(readable, feat))
                 encoded += len(readable)
             bar.update(len(items))
 
     kept = sorted(feats)
     if progress:
-        print(f"indexed {len(kept)} videos ({encoded} read, {len(kept) - encoded} kept from the existing "
-              f"index), {len(unreadable)} unreadable")
+        print(f"indexed {len(kept)} videos ({encoded} read, {len(kept) - encoded} kept from the "
+              f"existing index), {len(unreadable)} unreadable")
         for i in sorted(unreadable):
             print(f"  unreadable: {paths[i]}: {unreadable[i]}")
+    video_feat = torch.stack([feats[i] for i in kept]) if kept else torch.zeros(0, config.embed_dim)
     return {"kind": "video_index", "paths": [paths[i] for i in kept],
             "sizes": [stamps[i][0] for i in kept], "mtimes": [stamps[i][1] for i in kept],
-            "video_feat": torch.stack([feats[i] for i in kept]) if kept else torch.zeros(0, config.embed_dim),
+            "video_feat": video_feat,
             **settings, "unreadable": [[paths[i], unreadable[i]] for i in sorted(unreadable)]}
 
 
@@ -253,10 +257,12 @@ def load_features(path, kind: str) -> dict:
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: no such file") from None
     except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as error:
-        raise ValueError(f"{path} is not a feature file ({type(error).__name__}: {error})") from None
+        reason = f"{type(error).__name__}: {error}"
+        raise ValueError(f"{path} is not a feature file ({reason})") from None
     if not isinstance(features, dict) or features.get("kind") != kind:
         found = features.get("kind") if isinstance(features, dict) else type(features).__name__
-        raise ValueError(f"{path} holds {found!r}, not a {kind} (made by eval.py --index or --embed-text)")
+        raise ValueError(f"{path} holds {found!r}, not a {kind} "
+                         f"(made by eval.py --index or --embed-text)")
     return features
 
 
@@ -267,7 +273,8 @@ def load_features(path, kind: str) -> dict:
 def check_index(model, index) -> None:
     """The model must read clips as the index did, or its re-rank would see other tokens."""
     config = model.config
-    ours = {"frames": config.frames, "image_size": config.image_size, "sparsity": sparsity_of(config)}
+    ours = {"frames": config.frames, "image_size": config.image_size,
+            "sparsity": sparsity_of(config)}
     theirs = {key: index.get(key) for key in ours}
     if ours != theirs:
         raise ValueError(f"the index was made with {theirs}, the model has {ours}")
@@ -294,7 +301,8 @@ def video_tokens(model, index, positions, *, device=None, batch_size=16, cache=N
                 print(f"skipping the VTM score of {path}: {error.reason}")
                 cache[path] = None
         if clips:
-            tokens, _ = encode_clips(model, torch.stack([clip for _, clip in clips]), index["seed"], device)
+            batch = torch.stack([clip for _, clip in clips])  # (B, T, 3, S, S)
+            tokens, _ = encode_clips(model, batch, index["seed"], device)
             cache.update((path, t) for (path, _), t in zip(clips, tokens))
     return [cache[path] for path in paths]
 
@@ -318,9 +326,11 @@ def search(model, index, query, k=16, *, tokenizer, top=10, device=None, batch_s
         scored = [(p, t) for p, t in zip(order[:k], tokens) if t is not None]
         for start in range(0, len(scored), batch_size):
             part = scored[start:start + batch_size]
-            video = torch.stack([t for _, t in part]).to(device)
-            logits = model.match_logits(states.expand(len(part), -1, -1), mask.expand(len(part), -1), video)
-            vtm.update(zip([p for p, _ in part], logits.float().log_softmax(-1)[:, 1].cpu().tolist()))
+            video = torch.stack([t for _, t in part]).to(device)  # (B, 1 + N', d)
+            logits = model.match_logits(states.expand(len(part), -1, -1),
+                                        mask.expand(len(part), -1), video)  # (B, 2)
+            scores = logits.float().log_softmax(-1)[:, 1].cpu().tolist()  # log p(match)
+            vtm.update(zip([p for p, _ in part], scores))
     # re-scored first, by VTM; then the rest (unreadable ones among them) in VTC order
     ranked = sorted(vtm, key=vtm.get, reverse=True) + [p for p in order if p not in vtm]
     return [{"rank": rank, "path": index["paths"][p], "vtc": float(sim[p]), "vtm": vtm.get(p)}
@@ -343,12 +353,15 @@ def frame_strip(path, frames=8, height=96):
     """uint8 (height, W, 3): `frames` frames of the video side by side (the middle frames of equal
     segments), 2 px apart; VideoReadError if the file cannot be read."""
     reader = data.open_video(path)
-    clip = data.read_frames(reader, data.sample_frame_indices(len(reader), frames, train=False), path)
+    indices = data.sample_frame_indices(len(reader), frames, train=False)
+    clip = data.read_frames(reader, indices, path)  # (T, H, W, 3)
     video = torch.from_numpy(clip).permute(0, 3, 1, 2).float()  # (T, 3, H, W)
     width = max(1, round(video.shape[3] * height / video.shape[2]))
-    video = torch.nn.functional.interpolate(video, size=(height, width), mode="bilinear", antialias=True)
+    video = torch.nn.functional.interpolate(video, size=(height, width), mode="bilinear",
+                                            antialias=True)
     video = torch.nn.functional.pad(video, (0, 2), value=255.0)  # a white gap after each frame
-    return video.permute(2, 0, 3, 1).reshape(height, -1, 3).clamp(0, 255).byte().numpy()  # (h, T w, 3)
+    strip = video.permute(2, 0, 3, 1).reshape(height, -1, 3)  # (h, T (w + 2), 3)
+    return strip.clamp(0, 255).byte().numpy()
 
 
 def contact_sheet(results, path, *, frames=8) -> str:
@@ -359,8 +372,8 @@ def contact_sheet(results, path, *, frames=8) -> str:
     import matplotlib.pyplot as plt
     rows = max(1, len(results))
     fig = plt.figure(figsize=(SHEET_WIDTH, SHEET_ROW_HEIGHT * rows), dpi=SHEET_DPI)
-    grid = fig.add_gridspec(rows, 2, width_ratios=[3, 1], left=0.01, right=0.99, top=0.99, bottom=0.01,
-                            wspace=0.02, hspace=0.08)
+    grid = fig.add_gridspec(rows, 2, width_ratios=[3, 1], left=0.01, right=0.99, top=0.99,
+                            bottom=0.01, wspace=0.02, hspace=0.08)
     for row, result in enumerate(results):
         ax = fig.add_subplot(grid[row, 0])
         ax.set_axis_off()
@@ -373,8 +386,10 @@ def contact_sheet(results, path, *, frames=8) -> str:
         ax = fig.add_subplot(grid[row, 1])
         ax.set_axis_off()
         vtm = "-" if result["vtm"] is None else f"{result['vtm']:.3f}"
-        ax.text(0.0, 0.5, f"#{result['rank']}  VTM {vtm}\nVTC {result['vtc']:.3f}\n{Path(result['path']).name}",
-                va="center", fontsize=9, family="monospace", transform=ax.transAxes)
+        name = Path(result["path"]).name
+        label = f"#{result['rank']}  VTM {vtm}\nVTC {result['vtc']:.3f}\n{name}"
+        ax.text(0.0, 0.5, label, va="center", fontsize=9, family="monospace",
+                transform=ax.transAxes)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=SHEET_DPI)
