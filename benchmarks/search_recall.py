@@ -6,10 +6,10 @@ caption's video comes first, in the top 5 and in the top 10; then runs `python e
 checkpoint and split and prints its text-to-video R@1/5/10 beside them, for VTC alone and with
 the re-rank.
 
-The two read the same frames with the same model. They differ in the random attention blocks:
-the index draws the same blocks for every batch (a video's feature does not depend on its batch),
-eval.py draws new blocks for each batch from one seeded generator; so the figures agree up to that
-draw, not to the last digit.
+The two read the same frames with the same model and the same random attention blocks: the index
+draws the blocks afresh from the seed for every batch, eval.py draws them from one seeded generator
+that runs on from batch to batch, so eval.py is run with all the test videos in one batch (one
+draw, the index's). The features, and the figures, then agree up to floating-point rounding.
 
     python benchmarks/search_recall.py --checkpoint checkpoints/frames8/last.pt
 """
@@ -51,13 +51,13 @@ def hit_rates(model, tokenizer, index, captions, k, batch_size):
     return {n: 100.0 * h / len(captions) for n, h in hits.items()}
 
 
-def eval_recall(checkpoint, annotation, video_root, k):
-    """t2v R@1/5/10 of `python eval.py` (VTC and VTM rankings)."""
+def eval_recall(checkpoint, annotation, video_root, k, videos):
+    """t2v R@1/5/10 of `python eval.py` (VTC and VTM rankings), all videos in one batch."""
     with tempfile.TemporaryDirectory() as folder:
         out = Path(folder) / "result.json"
         subprocess.run([sys.executable, str(ROOT / "eval.py"), "--checkpoint", str(checkpoint),
                         "--data", str(annotation), "--video-root", str(video_root), "--k", str(k),
-                        "--workers", "0", "--output", str(out)],
+                        "--workers", "0", "--batch-size", str(videos), "--output", str(out)],
                        check=True, stdout=subprocess.DEVNULL)
         result = json.loads(out.read_text())
     return {ranking: {n: result[ranking][f"t2v_R@{n}"] for n in (1, 5, 10)}
@@ -101,7 +101,7 @@ def main(argv=None):
     start = time.perf_counter()
     vtm = hit_rates(model, tokenizer, index, captions, args.k, args.batch_size)
     vtm_s = time.perf_counter() - start
-    reference = eval_recall(args.checkpoint, annotation, video_root, args.k)
+    reference = eval_recall(args.checkpoint, annotation, video_root, args.k, len(index["paths"]))
 
     print(f"{args.checkpoint}: T={model.config.frames}; {annotation}: {len(captions)} captions, "
           f"{len(index['paths'])} videos (indexed in {index_s:.0f} s)")
