@@ -9,6 +9,9 @@
     python eval.py --sweep keep-rate-v               # recall against q_v, drawn as a PNG (Fig. 5)
     python eval.py --visualize pictures/             # kept patches of a few clips (Figs. 6, 8)
     python eval.py --cost [--preset base]            # Table 2's cost: runs benchmarks/cost.py
+    python eval.py --index VIDEO_DIR --output index.pt    # VTC features of one's own videos (search.py)
+    python eval.py --search "a dog runs" --index index.pt # text search of an index, VTM re-rank of the top k
+    python eval.py --embed-text captions.txt --output captions.pt  # VTC features of captions
 
 Retrieval follows Singularity: VTC similarity for every (text, video) pair ranks all videos, then
 the top --k of each text (and of each video, for video-to-text) are re-scored by the VTM head; both
@@ -18,6 +21,7 @@ seeded generator so a score can be reproduced.
 """
 import argparse
 import json
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -42,8 +46,9 @@ def parse_args(argv=None):
                    help="test annotation JSON (default: the test split of the training data)")
     p.add_argument("--video-root", default=None,
                    help="folder the annotation's video paths are relative to")
-    p.add_argument("--k", type=int, default=128,
-                   help="videos (texts) per text (video) re-scored by VTM")
+    p.add_argument("--k", type=int, default=None,
+                   help="videos (texts) per text (video) re-scored by VTM (default 128; 16 with "
+                        "--search, where 0 ranks by VTC alone)")
     p.add_argument("--output", default=None, help="write the results as JSON here")
     p.add_argument("--keep-rate-v", type=float, default=None,
                    help="override q_v (visual keep rate)")
@@ -70,7 +75,17 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0,
                    help="seed of the random attention blocks and of --shuffle-frames")
     p.add_argument("--device", default=None)
-    return p.parse_args(argv)
+    p.add_argument("--index", default=None, metavar="PATH",
+                   help="index the videos of a folder (recursively), an annotation JSON or one video into "
+                        "--output (default index.pt), keeping what it already holds; with --search: the index")
+    p.add_argument("--search", default=None, metavar="QUERY", help="search --index for this text")
+    p.add_argument("--top", type=int, default=10, help="results --search prints")
+    p.add_argument("--embed-text", default=None, metavar="FILE",
+                   help="VTC features of the captions of FILE (one a line) into --output")
+    args = p.parse_args(argv)
+    if args.k is None:
+        args.k = 16 if args.search is not None else 128
+    return args
 
 
 # --------------------------------------------------------------------------------------------
@@ -302,9 +317,68 @@ def visualize(model, dataset, tokenizer, device, folder, *, count, seed):
 
 # --------------------------------------------------------------------------------------------
 
+def search_command(args, device):
+    """--index, --search and --embed-text: load the model and hand over to search.py."""
+    import search
+    tokenizer = None
+    try:
+        if args.search is not None:
+            if not args.index:
+                raise SystemExit("--search needs --index INDEX.pt, made by `python eval.py --index VIDEO_DIR`")
+            index = search.load_features(args.index, "video_index")
+            recorded = index["checkpoint"]
+            if not (args.checkpoint or recorded):
+                raise SystemExit(f"{args.index} names no checkpoint: pass --checkpoint")
+            checkpoint = Path(args.checkpoint or recorded)
+            if recorded and checkpoint.resolve() != Path(recorded).resolve():
+                raise SystemExit(f"{args.index} holds features of {recorded}, not of {checkpoint}")
+            if recorded and checkpoint.exists() and checkpoint.stat().st_mtime_ns != index["checkpoint_mtime"]:
+                print(f"warning: {checkpoint} changed after {args.index} was made; run --index again")
+            model, config, _ = load_model(checkpoint, device, **search.model_overrides(index))
+            tokenizer = data.default_tokenizer(text_model_path(config.text_model))
+            start = time.perf_counter()
+            results = search.search(model, index, args.search, args.k, tokenizer=tokenizer, top=args.top,
+                                    batch_size=args.batch_size)
+            seconds = time.perf_counter() - start
+            print(search.format_results(results))
+            print(f"searched {len(index['paths'])} videos in {seconds:.3f} s (VTC, then VTM on the top {args.k})")
+            result = {"query": args.search, "index": str(args.index), "checkpoint": str(checkpoint), "k": args.k,
+                      "seconds": seconds, "results": results}
+            if args.visualize:
+                result["picture"] = search.contact_sheet(
+                    results, Path(args.visualize) / search.sheet_name(args.search), frames=config.frames)
+                print(f"wrote {result['picture']}")
+            if args.output:
+                Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+                Path(args.output).write_text(json.dumps(result, indent=2))
+                print(f"wrote {args.output}")
+            return result
+        checkpoint = Path(args.checkpoint) if args.checkpoint else latest_checkpoint(args.checkpoints_dir)
+        model, config, _ = load_model(checkpoint, device, keep_rate_v=args.keep_rate_v,
+                                      keep_rate_m=args.keep_rate_m, blocks=args.blocks, dense=args.dense)
+        if args.embed_text:
+            tokenizer = data.default_tokenizer(text_model_path(config.text_model))
+            features = search.embed_texts(model, tokenizer, search.read_captions(args.embed_text),
+                                          checkpoint=checkpoint)
+            output = Path(args.output or Path(args.embed_text).with_suffix(".pt"))
+        else:
+            output = Path(args.output or "index.pt")
+            existing = search.load_features(output, "video_index") if output.exists() else None
+            features = search.index_videos(model, search.video_paths(args.index, args.video_root),
+                                           checkpoint=checkpoint, batch_size=args.batch_size,
+                                           workers=args.workers, seed=args.seed, existing=existing)
+        search.save_features(features, output)
+        print(f"wrote {output}")
+        return features
+    except (FileNotFoundError, ValueError) as error:  # a missing or malformed input file, named
+        raise SystemExit(str(error)) from None
+
+
 def main(argv=None):
     args = parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.index or args.search is not None or args.embed_text:
+        return search_command(args, device)
     if args.cost:  # the cost table lives with the benchmarks
         from benchmarks import cost
         return cost.main(["--preset", args.preset, "--timing-preset", args.timing_preset,
