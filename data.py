@@ -1,11 +1,13 @@
 """Video-text data for SViTT (paper Sec. A.2-A.3): annotations, decoding, sampling, batches.
 
 What this file holds, in the order a clip travels through it:
-  annotation JSON -> decord decoding -> sparse frame sampling (Sec. A.3) -> random resized crop or
-  resize -> ImageNet normalisation; captions -> clean_caption -> tokenizer -> MLM masking (Eq. 31).
+  annotation JSON -> decord decoding -> sparse frame sampling (Sec. A.3) -> random resized crop
+  (and flip, if asked) or resize -> the vision backbone's normalisation (mean, std); captions ->
+  clean_caption -> tokenizer -> MLM masking (Eq. 31).
 
 Usage:
-    train_set = VideoTextDataset("train.json", "videos/", frames=4, image_size=112, train=True)
+    train_set = VideoTextDataset("train.json", "videos/", frames=4, image_size=112, train=True,
+                                 mean=config.image_mean, std=config.image_std)
     loader = torch.utils.data.DataLoader(train_set, batch_size=32, shuffle=True, num_workers=2,
                                          collate_fn=make_collate(tokenizer, text_len=32))
 
@@ -52,7 +54,9 @@ import transformers
 
 logger = logging.getLogger(__name__)
 
-# BEiT's input normalisation (the ImageNet statistics), one value per RGB channel.
+# Input normalisation, one value per RGB channel. It belongs to the vision backbone: the model's
+# config carries it (`image_mean`, `image_std`). The ImageNet statistics are the default here and
+# the `tiny` preset's (trained from scratch); BEiT checkpoints expect mean 0.5 and std 0.5.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # Tries to find a readable training clip (the failing one and its replacements) before giving up.
@@ -294,12 +298,15 @@ def random_resized_crop_box(height, width, scale=(0.5, 1.0), ratio=(3 / 4, 4 / 3
     return (height - h) // 2, (width - w) // 2, h, w
 
 
-def transform_frames(frames, *, image_size, train, crop_scale=(0.5, 1.0), generator=None):
-    """uint8 (T, H, W, 3) -> normalised float (T, 3, image_size, image_size).
+def transform_frames(frames, *, image_size, train, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+                     flip=False, crop_scale=(0.5, 1.0), generator=None):
+    """uint8 (T, H, W, 3) -> normalised float (T, 3, S, S), S = image_size: (x / 255 - mean) / std.
 
     Training: one random resized crop shared by all frames of the clip (the object must stay the
-    same object); test time: a plain resize of the whole frame. No horizontal flip: it would
-    contradict captions that say left or right.
+    same object), and with `flip` a horizontal flip of the whole clip with probability 1/2 (off by
+    default: it contradicts captions that say left or right); test time: a plain resize of the
+    whole frame. `mean` and `std` are the vision backbone's (the model config's image_mean and
+    image_std).
     """
     video = torch.from_numpy(frames).permute(0, 3, 1, 2).float().div_(255)       # (T, 3, H, W)
     if train:
@@ -308,8 +315,10 @@ def transform_frames(frames, *, image_size, train, crop_scale=(0.5, 1.0), genera
         video = video[:, :, top:top + h, left:left + w]                           # (T, 3, h, w)
     video = F.interpolate(video, size=(image_size, image_size), mode="bilinear",
                           align_corners=False, antialias=True)                    # (T, 3, S, S)
-    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    if train and flip and torch.rand(1, generator=generator).item() < 0.5:
+        video = video.flip(-1)
+    mean = torch.tensor(mean, dtype=video.dtype).view(1, 3, 1, 1)
+    std = torch.tensor(std, dtype=video.dtype).view(1, 3, 1, 1)
     return (video - mean) / std
 
 
@@ -323,7 +332,8 @@ class VideoTextDataset(torch.utils.data.Dataset):
     train=True: one item per (video, caption) pair, captions of a list flattened; a random frame of
     each segment, a random resized crop; an unreadable clip is replaced (see the module docstring).
     train=False: one item per unique video, its first caption; middle frames, plain resize; an
-    unreadable clip raises VideoReadError.
+    unreadable clip raises VideoReadError. `mean`, `std` and `flip` go to transform_frames: pass
+    the model config's image_mean, image_std and horizontal_flip.
 
     Attributes: `videos`, the unique video paths (relative, as in the annotation), indexed by
     video_id; `captions`, every (caption, video_id) pair of the annotation, for retrieval scoring.
@@ -334,7 +344,7 @@ class VideoTextDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, annotation, video_root, *, frames, image_size, train,
-                 crop_scale=(0.5, 1.0), seed=0):
+                 mean=IMAGENET_MEAN, std=IMAGENET_STD, flip=False, crop_scale=(0.5, 1.0), seed=0):
         assert frames >= 1, f"frames must be at least 1, got {frames}"
         if isinstance(annotation, list):
             self.annotation_name = "annotation list"
@@ -346,6 +356,7 @@ class VideoTextDataset(torch.utils.data.Dataset):
         self.frames = frames
         self.image_size = image_size
         self.train = train
+        self.mean, self.std, self.flip = tuple(mean), tuple(std), flip
         self.crop_scale = crop_scale
         self.seed = seed
         video_ids: dict[str, int] = {}
@@ -388,6 +399,7 @@ class VideoTextDataset(torch.utils.data.Dataset):
         indices = sample_frame_indices(len(reader), self.frames, self.train, generator)
         frames = read_frames(reader, indices, path)                               # (T, H, W, 3)
         return transform_frames(frames, image_size=self.image_size, train=self.train,
+                                mean=self.mean, std=self.std, flip=self.flip,
                                 crop_scale=self.crop_scale, generator=generator)
 
     def replacement_index(self, index, attempt):

@@ -173,14 +173,18 @@ def extract(model, dataset, tokenizer, device, *, batch_size, workers, seed, shu
 
 @torch.no_grad()
 def vtm_scores(model, feats, pairs, device, batch_size=256):
-    """VTM match score log p(match) for (text, video) index pairs (P, 2)."""
+    """VTM match scores for (text, video) index pairs (P, 2): log p(match), or the match logit
+    when the config's vtm_score is "logit" (the authors' code)."""
     scores = []
     for start in range(0, len(pairs), batch_size):
         t, v = pairs[start:start + batch_size].T
         logits = model.match_logits(feats["text_states"][t].to(device),
                                     feats["text_mask"][t].to(device),
                                     feats["video_tokens"][v].to(device))
-        scores.append(logits.float().log_softmax(-1)[:, 1].cpu())
+        logits = logits.float()
+        if model.config.vtm_score == "log_softmax":
+            logits = logits.log_softmax(-1)
+        scores.append(logits[:, 1].cpu())
     return torch.cat(scores) if scores else torch.zeros(0)
 
 
@@ -276,9 +280,8 @@ def visualize(model, dataset, tokenizer, device, folder, *, count, seed):
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     config = model.config
-    mean, std = torch.tensor(data.IMAGENET_MEAN).view(3, 1,
-                                                      1), torch.tensor(data.IMAGENET_STD).view(3,
-                                                                                               1, 1)
+    mean = torch.tensor(config.image_mean).view(3, 1, 1)
+    std = torch.tensor(config.image_std).view(3, 1, 1)
     generator = torch.Generator(device).manual_seed(seed)
     written = []
     for i in range(min(count, len(dataset))):
@@ -394,8 +397,8 @@ def main(argv=None):
     model, config, run = load_model(checkpoint, device, **overrides)
     annotation, video_root = test_split(args, run)
     dataset = data.VideoTextDataset(annotation, video_root, frames=config.frames,
-                                    image_size=config.image_size,
-                                    train=False)
+                                    image_size=config.image_size, train=False,
+                                    mean=config.image_mean, std=config.image_std)
     tokenizer = data.default_tokenizer(text_model_path(config.text_model))
     common = dict(k=args.k, batch_size=args.batch_size, workers=args.workers, seed=args.seed)
     edges = curriculum.count_config_edges(config)

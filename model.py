@@ -36,7 +36,7 @@ from einops import rearrange
 from torch import nn
 
 from cpu_speedups import Dropout, Mlp, attention_with_dropout
-from pretrained import load_beit, load_bert, load_bert_layer
+from pretrained import beit_normalisation, load_beit, load_bert, load_bert_layer
 from sparse_attention import SparseSelfAttention
 from token_pruning import class_attention_scores, keep_tokens, text_to_video_scores
 
@@ -58,6 +58,16 @@ class SViTTConfig:
     layer_scale: float = 0.1           # BEiT's LayerScale initial value (0 disables it)
     abs_pos_embed: bool = True         # absolute 3D position embedding (Eq. 20-22)
     rel_pos_bias: bool = True          # relative position bias over (t, h, w) (Eq. 24-27)
+    drop_path: float = 0.0             # stochastic depth of the last block (0 at the first, linear
+                                       # between, as BEiT); the BEiT checkpoint's config has 0.1
+    video_pooling: str = "cls"         # the video's VTC feature: its class token ("cls", Sec. A.3),
+                                       # or BEiT's pooler, a LayerNorm of the mean of the regional
+                                       # tokens ("mean", the authors' code)
+    # input normalisation of the frames, per RGB channel: the vision backbone's. Checkpoints
+    # written before this field trained with the ImageNet statistics, the default here
+    image_mean: list = field(default_factory=lambda: [0.485, 0.456, 0.406])
+    image_std: list = field(default_factory=lambda: [0.229, 0.224, 0.225])
+    horizontal_flip: bool = False      # flip training clips at random (contradicts left/right)
     # edge sparsity (Sec. 3.2); block_size None means dense attention
     block_size: int = 14               # G, tokens per block
     local_blocks: int = 1              # K_l
@@ -80,9 +90,26 @@ class SViTTConfig:
     # heads and losses
     embed_dim: int = 256               # joint space of VTC
     temperature: float = 0.07          # initial tau of Eq. 29 (learned)
+    vtc_directions: str = "sum"        # Eq. 28 sums video-to-text and text-to-video; "mean": their
+                                       # mean (the authors' code: half the VTC weight)
+    vtc_gather: bool = True            # VTC negatives from all ranks' clips (Eq. 29 over the batch
+                                       # B of Table 9); False: each GPU's own (the authors' code)
     hard_negatives: bool = True        # VTM negatives drawn by VTC similarity (Singularity, ALBEF)
+    vtm_negative_videos: bool = False  # Eq. 30: each clip with a negative caption (2B pairs); True
+                                       # adds each caption with a negative clip (3B, authors' code)
+    vtm_score: str = "log_softmax"     # retrieval re-ranking by log p(match) ("log_softmax") or the
+                                       # match logit ("logit", the authors' code)
+    mlm_probability: float = 0.15      # share of caption tokens masked for MLM (Eq. 31)
+    lr_floor: float = 0.0              # the cosine schedule ends at lr_floor x the peak rate
     # transformers BEiT folder to initialise f_v from ("" = random)
     beit_checkpoint: str = ""
+
+    def __post_init__(self):
+        for name, allowed in (("text_pooling", ("cls", "mean")), ("video_pooling", ("cls", "mean")),
+                              ("vtc_directions", ("sum", "mean")),
+                              ("vtm_score", ("log_softmax", "logit"))):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"config {name}={getattr(self, name)!r}: choose one of {allowed}")
 
     @property
     def grid(self):
@@ -106,11 +133,18 @@ class SViTTConfig:
 def preset(name, **overrides):
     """'base': the paper's model (BEiT-B/16 at 224 px, BERT-base 9 + 3 layers, G = 56).
     'tiny': the CPU default, the paper's ratios at 112 px (7 x 7 patches a frame, G = 14, a block
-    2/7 of a frame as 56 is of 14 x 14) with the pretrained MiniLM text encoder (3 + 3 layers)."""
+    2/7 of a frame as 56 is of 14 x 14) with the pretrained MiniLM text encoder (3 + 3 layers),
+    ImageNet normalisation, MLM at 0.15, no flip, no stochastic depth: what it was tuned with.
+    The README's recipe table compares each choice with the paper and the authors' code."""
     if name == "base":
+        # where the paper is silent, the authors' recipe: BEiT's normalisation (mean and std 0.5),
+        # its stochastic depth, MLM masking half the tokens, flips, and a cosine to 1% of the peak
         config = SViTTConfig(preset="base", image_size=224, vision_width=768, vision_heads=12,
                              abs_pos_embed=False, block_size=56, text_model="bert-base-uncased",
-                             text_layers=9, multimodal_layers=3)
+                             text_layers=9, multimodal_layers=3, drop_path=0.1,
+                             image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5],
+                             horizontal_flip=True, mlm_probability=0.5, lr_floor=0.01,
+                             vtm_score="logit")
     elif name == "tiny":
         # all-MiniLM-L6-v2 was trained with mean pooling: its class token barely depends on the
         # caption (cosine 0.9999 between captions), so VTC would start from a constant text feature
@@ -173,11 +207,22 @@ class RelativePositionBias(nn.Module):
         return lookup
 
 
-class VisionBlock(nn.Module):
-    """A pre-norm transformer block (Eq. 3) with sparse attention and BEiT's LayerScale."""
+def drop_path(x, rate, training):
+    """Stochastic depth: each clip's residual branch x (B, ...) is dropped with probability `rate`
+    and the kept ones scaled by 1 / (1 - rate), in training only."""
+    if not training or rate == 0:
+        return x
+    keep = x.new_empty(x.shape[0], *(1,) * (x.ndim - 1)).bernoulli_(1 - rate)
+    return x * keep / (1 - rate)
 
-    def __init__(self, config):
+
+class VisionBlock(nn.Module):
+    """A pre-norm transformer block (Eq. 3) with sparse attention, BEiT's LayerScale and
+    stochastic depth (`drop_path`, this block's rate)."""
+
+    def __init__(self, config, drop_path=0.0):
         super().__init__()
+        self.drop_path = drop_path
         d = config.vision_width
         self.norm1 = nn.LayerNorm(d, eps=1e-12)
         self.attn = SparseSelfAttention(dim=d, num_heads=config.vision_heads,
@@ -197,8 +242,8 @@ class VisionBlock(nn.Module):
         bias = self.rel_pos.bias(index) if self.rel_pos is not None else None
         attn_out, cls_attn = self.attn(self.norm1(x), bias=bias, generator=generator)
         edges = self.attn.edges(x.shape[1])  # Eq. 17
-        x = x + self.lambda_1 * attn_out
-        x = x + self.lambda_2 * self.mlp(self.norm2(x))
+        x = x + drop_path(self.lambda_1 * attn_out, self.drop_path, self.training)
+        x = x + drop_path(self.lambda_2 * self.mlp(self.norm2(x)), self.drop_path, self.training)
         return x, cls_attn, edges
 
 
@@ -214,14 +259,19 @@ class VideoEncoder(nn.Module):
         # Eq. 21: P' (1 + T H W, d); used only when abs_pos_embed is set
         self.pos_embed = nn.Parameter(torch.zeros(1, config.num_tokens,
                                                   d)) if config.abs_pos_embed else None
-        self.blocks = nn.ModuleList(VisionBlock(config) for _ in range(config.vision_layers))
-        self.norm = nn.LayerNorm(d, eps=1e-12)
+        L = config.vision_layers
+        rates = [config.drop_path * i / max(L - 1, 1) for i in range(L)]  # 0 ... drop_path
+        self.blocks = nn.ModuleList(VisionBlock(config, rate) for rate in rates)
+        self.norm = nn.LayerNorm(d, eps=1e-12)  # over all tokens, for f_m (and the class token)
+        # BEiT's pooler: a LayerNorm of the mean of the regional tokens before `norm`
+        self.pool_norm = nn.LayerNorm(d, eps=1e-12) if config.video_pooling == "mean" else None
         nn.init.trunc_normal_(self.cls_token, std=0.02)
         if self.pos_embed is not None:
             nn.init.trunc_normal_(self.pos_embed, std=0.02)
 
     def forward(self, video, generator=None, record=None):
-        """video (B, T, 3, S, S) -> tokens (B, 1 + N', d) and their original numbers (B, 1 + N')."""
+        """video (B, T, 3, S, S) -> tokens (B, 1 + N', d), their original numbers (B, 1 + N') and
+        the clip's summary (B, d) for VTC: the class token, or the pooler's (video_pooling)."""
         B, T = video.shape[:2]
         assert T == self.config.frames, \
             f"the model takes {self.config.frames} frames, the clip has {T}"
@@ -241,7 +291,9 @@ class VideoEncoder(nn.Module):
             if layer in self.config.prune_after:  # Eq. 10-11, at the end of the layer
                 x, kept = keep_tokens(x, class_attention_scores(cls_attn), self.config.keep_rate_v)
                 index = index.expand(B, -1).gather(1, kept)  # (B, kept)
-        return self.norm(x), index.expand(B, -1)
+        out = self.norm(x)
+        pooled = out[:, 0] if self.pool_norm is None else self.pool_norm(x[:, 1:].mean(1))
+        return out, index.expand(B, -1), pooled
 
 
 # --------------------------------------------------------------------------------------------
@@ -353,13 +405,18 @@ class SViTT(nn.Module):
             load_bert_layer(layer, state, f"encoder.layer.{i}.")
         if config.beit_checkpoint and pretrained:
             load_beit(self.video_encoder, config.beit_checkpoint)
+            # the frames are normalised as the BEiT weights were trained: its preprocessor
+            # config's statistics when it has one (the preset's otherwise); checkpoints record them
+            stats = beit_normalisation(config.beit_checkpoint)
+            if stats is not None:
+                config.image_mean, config.image_std = stats
 
     # ---- encoders ------------------------------------------------------------------------
     def encode_video(self, video, generator=None, record=None):
         """-> tokens (B, 1 + N', d), their original numbers (B, 1 + N'), normalised features
         (B, e)."""
-        tokens, index = self.video_encoder(video, generator, record)
-        return tokens, index, F.normalize(self.vision_proj(tokens[:, 0]), dim=-1)
+        tokens, index, pooled = self.video_encoder(video, generator, record)
+        return tokens, index, F.normalize(self.vision_proj(pooled), dim=-1)
 
     def encode_text(self, input_ids, attention_mask):
         """f_t -> hidden states (B, L, C) and normalised features (B, e) of the class token
@@ -414,38 +471,52 @@ class SViTT(nn.Module):
         video_tokens, _, video_feat = self.encode_video(batch["video"], generator, record)
         text, text_feat = self.encode_text(batch["input_ids"], batch["attention_mask"])
 
-        # VTC (Eq. 28-29), with the features of all ranks under torch.distributed
-        all_video, all_text = gather_all(video_feat), gather_all(text_feat)
-        all_ids = gather_all(batch["video_id"])
+        # VTC (Eq. 28-29); negatives from all ranks' clips under torch.distributed (vtc_gather)
+        gather = gather_all if self.config.vtc_gather else (lambda x: x)
+        all_video, all_text = gather(video_feat), gather(text_feat)
+        all_ids = gather(batch["video_id"])
         scale = self.logit_scale.clamp(max=math.log(100)).exp()
         sim_v2t = video_feat @ all_text.T * scale  # (B, B_all)
         sim_t2v = text_feat @ all_video.T * scale
         # captions of one video are positives of each other, never negatives
         positive = (batch["video_id"][:, None] == all_ids[None, :]).float()
         target = positive / positive.sum(1, keepdim=True)
-        # Eq. 28 sums the two directions; each term is averaged over the batch
+        # Eq. 28 sums the two directions (vtc_directions="mean" halves it); each term is averaged
+        # over the batch
         loss_vtc = (-(sim_v2t.log_softmax(1) * target).sum(1).mean()
                     - (sim_t2v.log_softmax(1) * target).sum(1).mean())
+        if self.config.vtc_directions == "mean":
+            loss_vtc = loss_vtc / 2
 
-        # VTM (Eq. 30): each clip with its caption, and with one other caption i' as a negative
+        # VTM (Eq. 30): each clip with its caption, and with one other caption i' as a negative;
+        # with vtm_negative_videos also each caption with one other clip as a negative
         B = video_feat.shape[0]
         assert B > 1, "VTM draws negatives from the batch: use a batch of at least 2 clips"
         with torch.no_grad():
             same_video = batch["video_id"][:, None] == batch["video_id"][None, :]
             if self.config.hard_negatives:  # drawn by VTC similarity, as Singularity and ALBEF do
-                weights = (video_feat @ text_feat.T * scale).softmax(1)
-            else:  # drawn uniformly, as Eq. 30 states
-                weights = torch.ones_like(same_video, dtype=video_feat.dtype)
+                weights = (video_feat @ text_feat.T * scale).softmax(1)  # (clip, caption)
+                weights_t2v = (text_feat @ video_feat.T * scale).softmax(1)  # (caption, clip)
+            else:  # drawn uniformly
+                weights = weights_t2v = torch.ones_like(same_video, dtype=video_feat.dtype)
             # never the clip's own caption nor another caption of its video, unless nothing else is
             # there
             fallback = 1e-12 * ~torch.eye(B, dtype=torch.bool, device=same_video.device)
             negative = torch.multinomial(weights.masked_fill(same_video, 0) + fallback, 1)[:, 0]
+            if self.config.vtm_negative_videos:
+                negative_video = torch.multinomial(
+                    weights_t2v.masked_fill(same_video, 0) + fallback, 1)[:, 0]
         mask = batch["attention_mask"]
-        fused = self.fuse(torch.cat([text, text[negative]]), torch.cat([mask, mask[negative]]),
-                          torch.cat([video_tokens, video_tokens]), record)
-        vtm_labels = torch.cat([torch.ones(B), torch.zeros(B)]).long().to(fused.device)
-        pooled = self.pool(fused, torch.cat([mask, mask[negative]]))
-        loss_vtm = F.cross_entropy(self.vtm_head(pooled), vtm_labels)
+        texts, masks, videos = [text, text[negative]], [mask, mask[negative]], [video_tokens] * 2
+        if self.config.vtm_negative_videos:
+            texts.append(text)
+            masks.append(mask)
+            videos.append(video_tokens[negative_video])
+        masks = torch.cat(masks)
+        fused = self.fuse(torch.cat(texts), masks, torch.cat(videos), record)
+        vtm_labels = torch.zeros(len(texts) * B, dtype=torch.long, device=fused.device)
+        vtm_labels[:B] = 1
+        loss_vtm = F.cross_entropy(self.vtm_head(self.pool(fused, masks)), vtm_labels)
 
         # MLM (Eq. 31): masked captions through f_t and f_m with the clip, BERT's MLM head. The
         # head's vocabulary-sized output is computed at the masked positions J only.

@@ -7,6 +7,7 @@ duplication along time (Eq. 22, 26-27, with `curriculum.py`'s resizing functions
     bert = load_bert(config, pretrained=True)       # transformers BertForMaskedLM
     load_bert_layer(block, bert.bert.state_dict(), "encoder.layer.0.")
     load_beit(model.video_encoder, "/models/beit-base-patch16-224-pt22k-ft22k")
+    beit_normalisation("/models/beit-base-patch16-224-pt22k-ft22k")  # ([0.5] * 3, [0.5] * 3)
 
 `model.SViTT` calls these when it is built; nothing here imports `model.py`.
 """
@@ -60,10 +61,29 @@ def load_bert_layer(block, state, prefix):
 # Image weights: BEiT 2D -> 3D (Eq. 22, 26-27)
 # --------------------------------------------------------------------------------------------
 
+def beit_normalisation(path):
+    """(image_mean, image_std) of a BEiT checkpoint's preprocessor config, as lists, or None when
+    it has none: the input normalisation its weights were trained with."""
+    from transformers.image_processing_utils import ImageProcessingMixin
+    try:
+        processor, _ = ImageProcessingMixin.get_image_processor_dict(path)
+    except (OSError, ValueError):
+        return None
+    if "image_mean" not in processor or "image_std" not in processor:
+        return None
+    return [float(m) for m in processor["image_mean"]], [float(s) for s in processor["image_std"]]
+
+
 def load_beit(video_encoder, path):
     """Initialise f_v from a transformers BEiT folder (microsoft/beit-base-patch16-224-pt22k-ft22k
     layout): patch embedding, class token, blocks; the 2D position embedding and relative bias are
-    inflated to T frames by duplication along time (Eq. 22, 26-27). Returns the loaded names."""
+    inflated to T frames by duplication along time (Eq. 22, 26-27). Returns the loaded names.
+
+    Output norms: a BEiT without mean pooling has a final LayerNorm over all tokens, loaded into
+    `norm`. A mean-pooling BEiT (the pt22k-ft22k checkpoint) has none; its pooler's LayerNorm was
+    trained on the mean of the regional tokens, so it goes to `pool_norm` when the config pools
+    that way (video_pooling="mean") and nowhere else; `norm` then starts at ones and zeros, as the
+    authors' code starts its LayerNorm over BEiT's tokens."""
     from transformers import BeitModel
 
     beit = BeitModel.from_pretrained(path)
@@ -143,10 +163,10 @@ def load_beit(video_encoder, path):
                 block.rel_pos.cls_bias.copy_(table[side * side:])
         with_bias = " with relative bias (inflated)" if ours.blocks[0].rel_pos is not None else ""
         loaded.append(f"{len(ours.blocks)} blocks{with_bias}")
-        final = ("layernorm" if "layernorm.weight" in sd
-                 else "pooler.layernorm" if "pooler.layernorm.weight" in sd else None)
-        if final:
-            ours.norm.load_state_dict({"weight": sd[f"{final}.weight"],
-                                       "bias": sd[f"{final}.bias"]})
+        if "layernorm.weight" in sd:
+            ours.norm.load_state_dict(norm("layernorm"))
             loaded.append("final norm")
+        if ours.pool_norm is not None and "pooler.layernorm.weight" in sd:
+            ours.pool_norm.load_state_dict(norm("pooler.layernorm"))
+            loaded.append("pooler norm")
     return loaded

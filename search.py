@@ -16,11 +16,13 @@ In Python, with a model already built (`model.eval()`) and its tokenizer:
 
 Ranking is that of retrieval in eval.py (Singularity): the VTC similarity of the query's feature
 with every video's (Eq. 29) ranks the whole index, then the top k are re-scored by the VTM head,
-log p(match) (Eq. 30), and placed above the rest in that order; the rest keep their VTC order.
+log p(match) (Eq. 30) or the match logit (the config's vtm_score), and placed above the rest in
+that order; the rest keep their VTC order.
 `k = 0` ranks by VTC alone: one text encoding and one matrix-vector product.
 
 A clip is read as evaluation reads it (the middle frame of T equal segments, the whole frame
-resized) and encoded with the random attention blocks drawn from `seed`, one fresh draw per batch.
+resized, normalised with the model config's image_mean and image_std) and encoded with the random
+attention blocks drawn from `seed`, one fresh draw per batch.
 Random blocks are shared by the clips of a batch (sparse_attention.py), so every batch gets the
 same blocks and a video's feature depends only on the video, the model and the seed: an index grown
 later, and the tokens the VTM re-rank computes again, agree with the first pass.
@@ -30,7 +32,8 @@ Feature files are dicts of tensors, lists, strings and numbers, so that
 
     index: {"kind": "video_index", "paths": [absolute path, ...], "sizes": [bytes, ...],
             "mtimes": [ns, ...], "video_feat": float (N, e), "checkpoint": str,
-            "checkpoint_mtime": ns or None, "frames": T, "image_size": S, "sparsity": {block_size,
+            "checkpoint_mtime": ns or None, "frames": T, "image_size": S,
+            "image_mean": [3 floats], "image_std": [3 floats], "sparsity": {block_size,
             local_blocks, random_blocks, keep_rate_v, keep_rate_m}, "seed": int,
             "unreadable": [[path, reason], ...]}
     text:  {"kind": "text_features", "captions": [str, ...], "text_feat": float (M, e),
@@ -77,27 +80,38 @@ def video_paths(source, video_root=None) -> list[str]:
     return [os.path.abspath(root / video) for video in dict.fromkeys(e["video"] for e in entries)]
 
 
-def read_clip(path: str, frames: int, image_size: int) -> torch.Tensor:
-    """A clip as evaluation reads it: float (T, 3, S, S); VideoReadError naming the file if not."""
+def read_clip(path: str, frames: int, image_size: int, mean=data.IMAGENET_MEAN,
+              std=data.IMAGENET_STD) -> torch.Tensor:
+    """A clip as evaluation reads it: float (T, 3, S, S), normalised with `mean` and `std` (the
+    model config's image_mean and image_std); VideoReadError naming the file if not."""
     reader = data.open_video(path)
     indices = data.sample_frame_indices(len(reader), frames, train=False)
     return data.transform_frames(data.read_frames(reader, indices, path), image_size=image_size,
-                                 train=False)
+                                 train=False, mean=mean, std=std)
+
+
+def normalisation_of(index) -> tuple:
+    """(image_mean, image_std) an index's clips were read with; an index written before these
+    were recorded was read with the ImageNet statistics."""
+    return (index.get("image_mean", list(data.IMAGENET_MEAN)),
+            index.get("image_std", list(data.IMAGENET_STD)))
 
 
 class _Clips(torch.utils.data.Dataset):
     """(position, clip or None, why not) of each path, so that DataLoader workers do the decoding
     and an unreadable file is reported rather than raised."""
 
-    def __init__(self, paths, frames, image_size):
+    def __init__(self, paths, frames, image_size, mean, std):
         self.paths, self.frames, self.image_size = paths, frames, image_size
+        self.mean, self.std = mean, std
 
     def __len__(self):
         return len(self.paths)
 
     def __getitem__(self, i):
         try:
-            return i, read_clip(self.paths[i], self.frames, self.image_size), None
+            clip = read_clip(self.paths[i], self.frames, self.image_size, self.mean, self.std)
+            return i, clip, None
         except data.VideoReadError as error:
             return i, None, error.reason
 
@@ -153,6 +167,7 @@ def index_videos(model, paths, *, device=None, checkpoint="", batch_size=16, wor
     stamp = os.stat(checkpoint).st_mtime_ns if os.path.isfile(checkpoint) else None
     settings = {"checkpoint": checkpoint, "checkpoint_mtime": stamp,
                 "frames": config.frames, "image_size": config.image_size,
+                "image_mean": list(config.image_mean), "image_std": list(config.image_std),
                 "sparsity": sparsity_of(config), "seed": seed}
     reusable = {}
     if existing is not None:
@@ -177,7 +192,8 @@ def index_videos(model, paths, *, device=None, checkpoint="", batch_size=16, wor
         else:
             feats[i] = existing["video_feat"][j]
 
-    clips = _Clips([paths[i] for i in todo], config.frames, config.image_size)
+    clips = _Clips([paths[i] for i in todo], config.frames, config.image_size,
+                   config.image_mean, config.image_std)
     loader = torch.utils.data.DataLoader(clips, batch_size=batch_size, num_workers=workers,
                                          collate_fn=_as_list)
     with tqdm(total=len(todo), unit="video", desc="indexing", disable=not progress) as bar:
@@ -274,8 +290,10 @@ def check_index(model, index) -> None:
     """The model must read clips as the index did, or its re-rank would see other tokens."""
     config = model.config
     ours = {"frames": config.frames, "image_size": config.image_size,
+            "normalisation": (list(config.image_mean), list(config.image_std)),
             "sparsity": sparsity_of(config)}
     theirs = {key: index.get(key) for key in ours}
+    theirs["normalisation"] = normalisation_of(index)
     if ours != theirs:
         raise ValueError(f"the index was made with {theirs}, the model has {ours}")
     if index["video_feat"].shape[1:] != (config.embed_dim,):
@@ -296,7 +314,9 @@ def video_tokens(model, index, positions, *, device=None, batch_size=16, cache=N
         clips = []
         for path in missing[start:start + batch_size]:
             try:
-                clips.append((path, read_clip(path, index["frames"], index["image_size"])))
+                clip = read_clip(path, index["frames"], index["image_size"],
+                                 *normalisation_of(index))
+                clips.append((path, clip))
             except data.VideoReadError as error:
                 print(f"skipping the VTM score of {path}: {error.reason}")
                 cache[path] = None
@@ -329,7 +349,10 @@ def search(model, index, query, k=16, *, tokenizer, top=10, device=None, batch_s
             video = torch.stack([t for _, t in part]).to(device)  # (B, 1 + N', d)
             logits = model.match_logits(states.expand(len(part), -1, -1),
                                         mask.expand(len(part), -1), video)  # (B, 2)
-            scores = logits.float().log_softmax(-1)[:, 1].cpu().tolist()  # log p(match)
+            logits = logits.float()
+            if model.config.vtm_score == "log_softmax":
+                logits = logits.log_softmax(-1)
+            scores = logits[:, 1].cpu().tolist()  # log p(match), or the logit (vtm_score)
             vtm.update(zip([p for p, _ in part], scores))
     # re-scored first, by VTM; then the rest (unreadable ones among them) in VTC order
     ranked = sorted(vtm, key=vtm.get, reverse=True) + [p for p in order if p not in vtm]

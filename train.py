@@ -243,6 +243,7 @@ def make_loader(dataset, config, *, per_rank, world, rank, seed, workers, device
     loader = DataLoader(dataset, batch_size=per_rank, sampler=sampler, num_workers=workers,
                         drop_last=True,
                         collate_fn=data.make_collate(tokenizer, text_len=config.text_len,
+                                                     mlm_probability=config.mlm_probability,
                                                      seed=seed),
                         pin_memory=device.type == "cuda", persistent_workers=workers > 0,
                         generator=torch.Generator().manual_seed(seed))
@@ -262,13 +263,14 @@ def make_optimizer(model, lr, weight_decay):
                               {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.999))
 
 
-def cosine_schedule(optimizer, warmup_steps, total_steps):
-    """Linear warm-up to the peak learning rate, then a cosine to zero."""
+def cosine_schedule(optimizer, warmup_steps, total_steps, floor=0.0):
+    """Linear warm-up to the peak learning rate, then a cosine down to `floor` x the peak (the
+    config's lr_floor) and no lower."""
     def factor(step):
         if step < warmup_steps:
             return (step + 1) / warmup_steps
         progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        return max(floor, 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
@@ -412,7 +414,9 @@ def train(args):
 
     train_ann, test_ann, video_root = data_paths(args)
     dataset = data.VideoTextDataset(train_ann, video_root, frames=config.frames,
-                                    image_size=config.image_size, train=True, seed=args.seed)
+                                    image_size=config.image_size, train=True,
+                                    mean=config.image_mean, std=config.image_std,
+                                    flip=config.horizontal_flip, seed=args.seed)
     hp = hyper_parameters(args, stage, ckpt if exact else None)
     epochs, batch_size, lr = hp["epochs"], hp["batch_size"], hp["lr"]
     assert batch_size % world == 0, f"batch size {batch_size} must divide among {world} processes"
@@ -428,7 +432,8 @@ def train(args):
             model, device_ids=[device] if device.type == "cuda" else None)
     optimizer = make_optimizer(model, lr, stage.weight_decay)
     total_steps = epochs * steps_per_epoch
-    scheduler = cosine_schedule(optimizer, int(stage.warmup_epochs * steps_per_epoch), total_steps)
+    scheduler = cosine_schedule(optimizer, int(stage.warmup_epochs * steps_per_epoch), total_steps,
+                                config.lr_floor)
     step, epoch = restore_training_state(ckpt, optimizer, scheduler) if exact else (0, 0)
     max_steps = min(total_steps, args.max_steps) if args.max_steps else total_steps
     run = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": args.seed,

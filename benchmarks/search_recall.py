@@ -86,7 +86,8 @@ def main(argv=None):
         annotation, video_root = paths["test"], paths["video_root"]
     tokenizer = data.default_tokenizer(text_model_path(model.config.text_model))
     dataset = data.VideoTextDataset(annotation, video_root, frames=model.config.frames,
-                                    image_size=model.config.image_size, train=False)
+                                    image_size=model.config.image_size, train=False,
+                                    mean=model.config.image_mean, std=model.config.image_std)
     captions = [(caption, os.path.abspath(dataset.video_path(video_id)))
                 for caption, video_id in dataset.captions]
 

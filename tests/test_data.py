@@ -167,6 +167,40 @@ def test_normalisation_uses_imagenet_statistics(tmp_path):
         assert torch.allclose(rgb, torch.tensor(COLOUR_RGB["blue"], dtype=torch.float), atol=8)
 
 
+def test_base_transform_matches_beit_image_processor():
+    """The base preset normalises as transformers' BeitImageProcessor does at its defaults (the
+    BEiT checkpoint's preprocessing): frames already at 224 px, so resize and crop keep them."""
+    from transformers import BeitImageProcessor
+
+    from model import preset
+    config = preset("base")
+    frames = np.random.default_rng(0).integers(0, 256, (3, 224, 224, 3), dtype=np.uint8)
+    ours = data.transform_frames(frames, image_size=config.image_size, train=False,
+                                 mean=config.image_mean, std=config.image_std)
+    processor = BeitImageProcessor()
+    theirs = torch.stack([torch.as_tensor(np.asarray(processor(image, return_tensors="np")
+                                                     ["pixel_values"][0])) for image in frames])
+    assert ours.shape == theirs.shape == (3, 3, 224, 224)
+    torch.testing.assert_close(ours, theirs.float(), atol=1e-5, rtol=0)
+
+
+def test_flip_mirrors_whole_clips_only_when_asked():
+    gradient = np.linspace(0, 255, 32, dtype=np.float32)
+    image = np.stack([np.tile(gradient, (32, 1))] * 3, -1).astype(np.uint8)      # left to right
+    frames = np.repeat(image[None], 2, axis=0)
+    whole = dict(image_size=32, train=True, crop_scale=(1.0, 1.0))
+
+    def direction(video):  # +1: brighter to the right
+        return float(torch.sign(video[..., -1].mean() - video[..., 0].mean()))
+
+    for flip, expected in ((False, {1.0}), (True, {1.0, -1.0})):
+        generator = torch.Generator().manual_seed(0)
+        clips = [data.transform_frames(frames, flip=flip, generator=generator, **whole)
+                 for _ in range(16)]
+        assert {direction(video) for video in clips} == expected
+        assert all(torch.equal(video[0], video[1]) for video in clips)  # one flip per clip
+
+
 def test_short_video_item_repeats_last_frame(tmp_path):
     write_clip(tmp_path / "short.mp4", ramp_clip(num_frames=3))
     annotation = [{"video": "short.mp4", "caption": "short"}]

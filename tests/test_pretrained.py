@@ -1,9 +1,9 @@
 import pytest
 import torch
-from transformers import BeitConfig, BeitModel
+from transformers import BeitConfig, BeitImageProcessor, BeitModel
 
 from model import SViTT, preset
-from pretrained import load_beit
+from pretrained import beit_normalisation, load_beit
 
 
 def test_load_beit_inflates_2d_weights(tmp_path):
@@ -28,7 +28,7 @@ def test_load_beit_inflates_2d_weights(tmp_path):
                            **common)).video_encoder.eval()
     image = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
-        ours, _ = encoder(image[:, None])
+        ours, _, _ = encoder(image[:, None])
         theirs = beit(pixel_values=image).last_hidden_state
     torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
     # T = 3: position embedding and relative bias duplicated along time (Eq. 22, 26-27)
@@ -53,3 +53,47 @@ def test_load_beit_rejects_other_shapes(tmp_path):
                     pretrained=False).video_encoder
     with pytest.raises(ValueError, match="width 32"):
         load_beit(encoder, str(tmp_path / "beit"))
+
+
+def test_mean_pooling_takes_beits_pooler_and_the_normalisation_follows_it(tmp_path):
+    """A mean-pooling BEiT (the layout of beit-base-patch16-224-pt22k-ft22k): video_pooling="mean"
+    gives its pooler output (LayerNorm of the mean of the regional tokens); the pooler's norm goes
+    nowhere else. The model's normalisation is the checkpoint's preprocessor config's."""
+    torch.manual_seed(0)
+    beit_config = BeitConfig(image_size=32, patch_size=16, hidden_size=64, num_hidden_layers=2,
+                             num_attention_heads=2, intermediate_size=128,
+                             use_relative_position_bias=True, use_mean_pooling=True)
+    beit = BeitModel(beit_config, add_pooling_layer=True).eval()
+    with torch.no_grad():
+        for name, p in beit.named_parameters():
+            if "pooler" in name:
+                p.normal_()
+    beit.save_pretrained(tmp_path / "beit")
+    common = dict(image_size=32, vision_width=64, vision_layers=2, vision_heads=2, mlp_ratio=2.0,
+                  prune_after=[], block_size=None, keep_rate_v=1.0, abs_pos_embed=False,
+                  beit_checkpoint=str(tmp_path / "beit"))
+    image = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        theirs = beit(pixel_values=image).pooler_output
+    pooled = {}
+    for pooling in ("cls", "mean"):
+        encoder = SViTT(preset("tiny", frames=1, video_pooling=pooling, **common)).video_encoder
+        with torch.no_grad():
+            tokens, _, pooled[pooling] = encoder.eval()(image[:, None])
+        # no final norm in this BEiT: the norm over the tokens starts as a plain LayerNorm
+        torch.testing.assert_close(encoder.norm.weight, torch.ones(64))
+    torch.testing.assert_close(pooled["mean"], theirs, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(pooled["cls"], tokens[:, 0])
+    assert not torch.allclose(pooled["cls"], theirs, atol=1e-2)
+    # normalisation: the preset's without a preprocessor config, the checkpoint's with one
+    assert beit_normalisation(str(tmp_path / "beit")) is None
+    offline = dict(common, text_model="all-MiniLM-L6-v2", text_layers=3)  # no download
+    config = preset("base", **offline)
+    SViTT(config)
+    assert (config.image_mean, config.image_std) == ([0.5] * 3, [0.5] * 3)
+    BeitImageProcessor(image_mean=[0.4, 0.5, 0.6], image_std=[0.2, 0.3, 0.4]).save_pretrained(
+        tmp_path / "beit")
+    config = preset("base", **offline)
+    SViTT(config)
+    assert config.image_mean == pytest.approx([0.4, 0.5, 0.6])
+    assert config.image_std == pytest.approx([0.2, 0.3, 0.4])
