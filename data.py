@@ -300,7 +300,7 @@ def random_resized_crop_box(height, width, scale=(0.5, 1.0), ratio=(3 / 4, 4 / 3
 
 def transform_frames(frames, *, image_size, train, mean=IMAGENET_MEAN, std=IMAGENET_STD,
                      flip=False, crop_scale=(0.5, 1.0), generator=None):
-    """uint8 (T, H, W, 3) -> normalised float (T, 3, S, S), S = image_size: (x / 255 - mean) / std.
+    """uint8 (T, H, W, 3) -> float (T, 3, image_size, image_size): (x / 255 - mean) / std.
 
     Training: one random resized crop shared by all frames of the clip (the object must stay the
     same object), and with `flip` a horizontal flip of the whole clip with probability 1/2 (off by

@@ -1,9 +1,10 @@
 import pytest
 import torch
+import torch.nn.functional as F
 from transformers import AutoTokenizer
 
 from curriculum import count_edges
-from model import RelativePositionBias, SViTT, parameter_count, preset
+from model import RelativePositionBias, SViTT, SViTTConfig, drop_path, parameter_count, preset
 from pretrained import text_model_path
 
 SPARSITY = {  # (block_size, keep_rate_v, keep_rate_m)
@@ -130,3 +131,94 @@ def test_presets_shapes():
     # BERT-base (110M) with cross-attention in its last 3 layers, VTC projections and the VTM head
     assert parameter_count(model.video_encoder) == 86_401_056
     assert parameter_count(model) == 203_402_333
+
+
+def test_recipe_fields_of_the_presets_and_of_old_checkpoints():
+    base, tiny = preset("base"), preset("tiny")
+    # MLM masking rate: the authors' 0.5 for base (the paper does not say), 0.15 for tiny
+    assert (base.mlm_probability, tiny.mlm_probability) == (0.5, 0.15)
+    assert (base.image_mean, base.image_std) == ([0.5] * 3, [0.5] * 3)  # BEiT's
+    assert tiny.image_mean == [0.485, 0.456, 0.406] and tiny.image_std == [0.229, 0.224, 0.225]
+    assert base.video_pooling == tiny.video_pooling == "cls"  # the paper's VTC feature
+    assert not base.vtm_negative_videos and not tiny.vtm_negative_videos  # Eq. 30: 2B pairs
+    # a checkpoint's config from before these fields: what it was trained with
+    old = {k: v for k, v in base.to_dict().items() if k not in (
+        "image_mean", "image_std", "mlm_probability", "drop_path", "video_pooling",
+        "horizontal_flip", "vtc_directions", "vtc_gather", "vtm_negative_videos", "vtm_score",
+        "lr_floor")}
+    restored = SViTTConfig.from_dict(old)
+    assert restored.image_mean == tiny.image_mean and restored.image_std == tiny.image_std
+    assert (restored.mlm_probability, restored.drop_path, restored.lr_floor) == (0.15, 0.0, 0.0)
+    assert (restored.horizontal_flip, restored.vtm_score) == (False, "log_softmax")
+    with pytest.raises(ValueError, match="video_pooling"):
+        preset("tiny", video_pooling="max")
+
+
+@pytest.mark.parametrize("negative_videos,pairs", [(False, 2), (True, 3)])
+def test_vtm_pairs(tokenizer, negative_videos, pairs):
+    """Eq. 30: B positive pairs and B clips with a negative caption (2B); with
+    vtm_negative_videos also B captions with a negative clip (3B), labelled 0."""
+    torch.manual_seed(0)
+    config = preset("tiny", frames=1, vtm_negative_videos=negative_videos)
+    model = SViTT(config)
+    rows = []
+    model.vtm_head.register_forward_hook(lambda module, args, out: rows.append(out.shape[0]))
+    seen = []
+    model.multimodal_layers[0].register_forward_hook(
+        lambda module, args, kwargs, out: seen.append(kwargs["video"]), with_kwargs=True)
+    batch = make_batch(tokenizer, config)
+    out = model(batch)
+    assert rows == [pairs * 3]
+    out["loss_vtm"].backward()
+    video = seen[0]  # the VTM call's video tokens: own clips, own clips[, negative clips]
+    own = video[:3]
+    assert torch.equal(video[3:6], own)
+    if negative_videos:  # each caption meets another clip, never its own
+        for i in range(3):
+            assert not torch.equal(video[6 + i], own[i])
+            assert any(torch.equal(video[6 + i], own[j]) for j in range(3) if j != i)
+
+
+def test_video_pooling_and_vtc_directions(tokenizer):
+    torch.manual_seed(0)
+    models = {p: SViTT(preset("tiny", frames=1, video_pooling=p)).eval() for p in ("cls", "mean")}
+    models["mean"].load_state_dict(models["cls"].state_dict(), strict=False)
+    assert set(models["mean"].state_dict()) - set(models["cls"].state_dict()) == {
+        "video_encoder.pool_norm.weight", "video_encoder.pool_norm.bias"}
+    with torch.no_grad():
+        models["mean"].video_encoder.pool_norm.weight.normal_()
+    batch = make_batch(tokenizer, models["cls"].config)
+    before_norm = []
+    for model in models.values():  # the tokens entering the final norm
+        model.video_encoder.norm.register_forward_pre_hook(
+            lambda module, args: before_norm.append(args[0]))
+    with torch.no_grad():
+        tokens, _, cls_feat = models["cls"].encode_video(batch["video"])
+        _, _, mean_feat = models["mean"].encode_video(batch["video"])
+    torch.testing.assert_close(before_norm[0], before_norm[1])
+    proj = models["cls"].vision_proj
+    torch.testing.assert_close(cls_feat, F.normalize(proj(tokens[:, 0]), dim=-1))
+    pooled = models["mean"].video_encoder.pool_norm(before_norm[1][:, 1:].mean(1))
+    torch.testing.assert_close(mean_feat, F.normalize(proj(pooled), dim=-1))
+    assert not torch.allclose(cls_feat, mean_feat, atol=1e-3)
+    # Eq. 28 sums the two directions; the authors' mean is half of it
+    model = models["cls"]
+    with torch.no_grad():
+        summed = model(batch)["loss_vtc"]
+        model.config.vtc_directions = "mean"
+        halved = model(batch)["loss_vtc"]
+    torch.testing.assert_close(halved * 2, summed)
+
+
+def test_stochastic_depth_grows_over_the_layers():
+    encoder = SViTT(preset("tiny", frames=1, drop_path=0.1), pretrained=False).video_encoder
+    rates = [block.drop_path for block in encoder.blocks]
+    assert rates[0] == 0 and rates[-1] == pytest.approx(0.1) and rates == sorted(rates)
+    x = torch.ones(1000, 3, 2)
+    dropped = drop_path(x, 0.25, training=True)
+    per_clip = dropped[:, 0, 0]
+    # whole clips dropped, the kept ones rescaled by 1 / (1 - 0.25)
+    assert torch.equal(dropped, per_clip[:, None, None].expand_as(x))
+    assert torch.all((per_clip == 0) | torch.isclose(per_clip, torch.tensor(4 / 3)))
+    assert 0.2 < (per_clip == 0).float().mean() < 0.3
+    assert torch.equal(drop_path(x, 0.25, training=False), x)

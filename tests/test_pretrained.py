@@ -87,7 +87,7 @@ def test_mean_pooling_takes_beits_pooler_and_the_normalisation_follows_it(tmp_pa
     assert not torch.allclose(pooled["cls"], theirs, atol=1e-2)
     # normalisation: the preset's without a preprocessor config, the checkpoint's with one
     assert beit_normalisation(str(tmp_path / "beit")) is None
-    offline = dict(common, text_model="all-MiniLM-L6-v2", text_layers=3)  # no download
+    offline = {**common, "text_model": "all-MiniLM-L6-v2", "text_layers": 3}  # no download
     config = preset("base", **offline)
     SViTT(config)
     assert (config.image_mean, config.image_std) == ([0.5] * 3, [0.5] * 3)

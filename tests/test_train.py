@@ -1,6 +1,7 @@
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ import data
 import synthetic
 import train
 from checkpoint import save_checkpoint
+from model import preset
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -33,6 +35,9 @@ def test_expansion_from_4_to_8_frames(clips, tmp_path):
     run(clips, tmp_path, "--frames", "4", "--max-steps", "2")
     four = torch.load(tmp_path / "frames4" / "last.pt", weights_only=True)
     assert four["config"]["frames"] == 4 and four["step"] == 2
+    # the checkpoint records the normalisation its frames had, for eval.py to apply
+    assert four["config"]["image_mean"] == list(data.IMAGENET_MEAN)
+    assert four["config"]["image_std"] == list(data.IMAGENET_STD)
     # lr 0: the 8-frame checkpoint holds the expanded weights as they were
     run(clips, tmp_path, "--resume", "--frames", "8", "--max-steps", "1", "--lr", "0")
     eight = torch.load(tmp_path / "frames8" / "last.pt", weights_only=True)
@@ -133,3 +138,27 @@ def test_persistent_workers_draw_each_epochs_frames(clips):
         torch.testing.assert_close(items[0]["video"], dataset[pairs[0]]["video"])
         seeds.append({i: item["seed"] for (_, i), item in zip(pairs, items)})
     assert all(seeds[0][i] != seeds[1][i] for i in seeds[0])  # a new epoch, new frames
+
+
+def test_cosine_schedule_stops_at_its_floor():
+    for floor in (0.0, 0.01):
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        scheduler = train.cosine_schedule(optimizer, warmup_steps=2, total_steps=10, floor=floor)
+        rates = []
+        for _ in range(12):
+            rates.append(scheduler.get_last_lr()[0])
+            optimizer.step()
+            scheduler.step()
+        assert rates[:3] == pytest.approx([0.5, 1.0, 1.0])
+        assert min(rates) == pytest.approx(floor) and rates[-1] == pytest.approx(floor)
+        assert rates[2:10] == sorted(rates[2:10], reverse=True)
+
+
+def test_loader_masks_at_the_configs_rate(clips):
+    dataset = data.VideoTextDataset(clips["train"], clips["video_root"], frames=1, image_size=32,
+                                    train=True)
+    for rate in (0.15, 0.5):
+        config = replace(preset("tiny"), mlm_probability=rate)
+        loader, _, _ = train.make_loader(dataset, config, per_rank=8, world=1, rank=0, seed=0,
+                                         workers=0, device=torch.device("cpu"))
+        assert loader.collate_fn.mlm_probability == rate
