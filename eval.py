@@ -203,17 +203,21 @@ def rerank(model, feats, sim, k, device):
 def retrieval_metrics(t2v, v2t, text_video):
     """R@1/5/10 and mean, in percent, from score matrices (texts, videos).
 
-    text_video[i] is the video of caption i. Text-to-video: a caption's rank is the number of
-    other videos scoring at least its video's score (a tie counts against it). Video-to-text: a
-    video's rank is that of its best caption, counting the other videos' captions that score at
-    least as high."""
-    texts = torch.arange(len(text_video))
-    gt = t2v[texts, text_video]
-    t2v_rank = (t2v >= gt[:, None]).sum(1) - 1
-    own = text_video[None, :] == torch.arange(v2t.shape[1])[:, None]  # (videos, texts)
-    scores = v2t.T  # (videos, texts)
+    text_video: the video of each caption (texts,), or a bool ground-truth matrix (texts, videos)
+    when a caption has several right videos (data.RetrievalDataset). Text-to-video: a caption's
+    rank is the number of wrong videos scoring at least its best-scored right video (a tie counts
+    against it). Video-to-text: a video's rank is that of its best caption, counting the other
+    captions that score at least as high."""
+    if text_video.dim() == 1:
+        gt = torch.zeros(t2v.shape, dtype=torch.bool)
+        gt[torch.arange(len(text_video)), text_video] = True
+    else:
+        gt = text_video
+    best_video = t2v.masked_fill(~gt, float("-inf")).max(1).values
+    t2v_rank = ((t2v >= best_video[:, None]) & ~gt).sum(1)
+    own, scores = gt.T, v2t.T  # (videos, texts)
     best = scores.masked_fill(~own, float("-inf")).max(1).values
-    v2t_rank = ((scores >= best[:, None]) & ~own).sum(1)
+    v2t_rank = ((scores >= best[:, None]) & ~own).sum(1)[own.any(1)]  # videos with a caption
     metrics = {}
     for name, rank in (("t2v", t2v_rank), ("v2t", v2t_rank)):
         recalls = [100.0 * (rank < r).float().mean().item() for r in (1, 5, 10)]
@@ -231,8 +235,9 @@ def evaluate(model, dataset, tokenizer, device, *, k, batch_size, workers, seed,
                     shuffle_frames=shuffle_frames)
     sim = feats["text_feat"] @ feats["video_feat"].T  # (texts, videos), VTC (Eq. 29)
     t2v, v2t = rerank(model, feats, sim, k, device)
-    return {"vtc": retrieval_metrics(sim, sim, feats["text_video"]),
-            "vtm": retrieval_metrics(t2v, v2t, feats["text_video"])}
+    truth = (dataset.ground_truth_matrix() if isinstance(dataset, data.RetrievalDataset)
+             else feats["text_video"])  # several right videos per caption (SSv2 templates)
+    return {"vtc": retrieval_metrics(sim, sim, truth), "vtm": retrieval_metrics(t2v, v2t, truth)}
 
 
 def print_metrics(title, results):
