@@ -180,5 +180,5 @@ def evaluate_qa(model, loader, answer_list, tokenizer, device, *, k=128, answer_
             kinds.append(kind)
     per_type = {kind: 100.0 * sum(r for r, t in zip(right, kinds) if t == kind) / kinds.count(kind)
                 for kind in sorted(set(kinds))}
-    return {"accuracy": 100.0 * sum(right) / max(1, len(right)), "per_type": per_type, "questions": len(right),
-            "predictions": predictions}
+    return {"accuracy": 100.0 * sum(right) / max(1, len(right)), "per_type": per_type,
+            "questions": len(right), "predictions": predictions}

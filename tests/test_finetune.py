@@ -73,3 +73,68 @@ def test_recall_with_several_right_videos():
     single = torch.tensor([2, 1])
     assert evaluation.retrieval_metrics(scores, scores, single) == evaluation.retrieval_metrics(
         scores, scores, torch.nn.functional.one_hot(single, 4).bool())
+
+
+# --------------------------------------------------------------------------------------------
+# Fine-tuning runs (train.py --task ...)
+# --------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    """A synthetic data set with its QA set, and a 1-step pre-training checkpoint."""
+    import train
+    root = tmp_path_factory.mktemp("synthetic")
+    clips = synthetic.ensure_synthetic_qa(root, num_train=8, num_test=4, workers=1)
+    out = tmp_path_factory.mktemp("pretrain")
+    train.main(["--data", str(root / "train.json"), "--video-root", clips["video_root"],
+                "--output-dir", str(out), "--batch-size", "4", "--workers", "0", "--no-eval",
+                "--frames", "4", "--max-steps", "1"])
+    return {**clips, "root": root, "checkpoint": out / "frames4" / "last.pt"}
+
+
+def finetune_run(pretrained, out, *extra):
+    import train
+    return train.main(["--task", "retrieval", "--data", str(pretrained["root"] / "train.json"),
+                       "--video-root", pretrained["video_root"], "--output-dir", str(out),
+                       "--batch-size", "4", "--workers", "0", "--no-eval", *extra])
+
+
+def test_retrieval_finetuning_resumes_exactly(pretrained, tmp_path):
+    init = ["--init", str(pretrained["checkpoint"])]
+    whole = finetune_run(pretrained, tmp_path / "whole", *init, "--max-steps", "3", "--epochs", "2")
+    first = finetune_run(pretrained, tmp_path / "split", *init, "--max-steps", "1",
+                         "--epochs", "2")
+    second = finetune_run(pretrained, tmp_path / "split", "--resume", "--max-steps", "3")
+    assert len(first["losses"]) == 1 and len(second["losses"]) == 2
+    torch.testing.assert_close(torch.tensor(first["losses"] + second["losses"]),
+                               torch.tensor(whole["losses"]), rtol=1e-5, atol=1e-5)
+    ckpt = torch.load(tmp_path / "split" / "retrieval_frames4" / "last.pt", weights_only=True)
+    assert ckpt["run"]["task"] == "retrieval" and ckpt["step"] == 3
+    assert not any("mlm" in name for name in ckpt["run"]) and ckpt["run"]["lr"] == 1e-4
+
+
+def test_finetuning_needs_a_checkpoint(pretrained, tmp_path):
+    with pytest.raises(SystemExit, match="needs --init"):
+        finetune_run(pretrained, tmp_path)
+
+
+def test_qa_finetuning_and_evaluation(pretrained, tmp_path):
+    import eval as evaluation
+    import train
+    result = train.main(["--task", "qa", "--init", str(pretrained["checkpoint"]), "--data",
+                         pretrained["train"], "--video-root", pretrained["video_root"],
+                         "--test-data", pretrained["test"], "--answer-list",
+                         pretrained["answer_list"], "--output-dir", str(tmp_path),
+                         "--batch-size", "4", "--workers", "0", "--no-eval", "--max-steps", "2"])
+    ckpt = torch.load(result["checkpoint"], weights_only=True)
+    assert ckpt["config"]["keep_rate_m"] == 0.5 and ckpt["run"]["task"] == "qa"
+    assert any(key.startswith("answer_decoder.") for key in ckpt["model"])
+    out = evaluation.main(["--task", "qa", "--checkpoints-dir", str(tmp_path), "--workers", "0",
+                           "--shuffle-frames", "--batch-size", "8"])
+    assert out["questions"] == 20 and out["normal"]["questions"] == 20   # 4 clips x 5 questions
+    assert set(out["normal"]["per_type"]) == {"first", "direction", "after"}
+    assert {p["answer"] for p in out["normal"]["predictions"]} <= set(
+        json.loads(open(pretrained["answer_list"]).read()))
+    assert "shuffled" in out
+    with pytest.raises(SystemExit, match="qa checkpoint"):
+        evaluation.main(["--checkpoint", str(result["checkpoint"]), "--workers", "0"])

@@ -173,3 +173,21 @@ def test_loss_weights_repeated_answers():
     torch.testing.assert_close(merged, expected)
     unweighted = loss([0, 1, 2], [1.0, 1.0, 1.0])
     assert not torch.allclose(unweighted, merged)
+
+
+def test_synthetic_questions_need_time():
+    clip = "a red square moves up, then a blue circle moves left"
+    reversed_clip = "a blue circle moves right, then a red square moves down"
+    swapped = "a blue circle moves left, then a red square moves up"
+    answers = {c: {(q["question"], q["answer"]) for q in synthetic.clip_questions(c)}
+               for c in (clip, reversed_clip, swapped)}
+    assert ("which object moves first", "red square") in answers[clip]
+    assert ("which object moves first", "blue circle") in answers[reversed_clip]
+    assert ("which way does the red square move", "down") in answers[reversed_clip]
+    assert ("what moves after the red square", "blue circle") in answers[clip]
+    assert ("what moves after the red square", "nothing") in answers[swapped]
+    # the same questions, other answers: a clip and its reversal or swap share no answer
+    for other in (reversed_clip, swapped):
+        assert not answers[clip] & answers[other]
+    listed = set(synthetic.synthetic_answer_list())
+    assert all(a in listed for pairs in answers.values() for _, a in pairs)
