@@ -26,11 +26,11 @@ def save_checkpoint(path, checkpoint):
     os.replace(tmp, path)
 
 
-def latest_checkpoint(folder):
-    """The newest `*/last.pt` under `folder` (one folder per stage)."""
-    candidates = sorted(Path(folder).glob("*/last.pt"), key=lambda p: p.stat().st_mtime)
+def latest_checkpoint(folder, pattern="*/last.pt"):
+    """The newest `pattern` under `folder` (one folder per stage or fine-tuning task)."""
+    candidates = sorted(Path(folder).glob(pattern), key=lambda p: p.stat().st_mtime)
     if not candidates:
-        raise SystemExit(f"no checkpoint */last.pt under {folder}/: train one with "
+        raise SystemExit(f"no checkpoint {pattern} under {folder}/: train one with "
                          f"`python train.py --frames 4`, or name one")
     return candidates[-1]
 

@@ -12,6 +12,8 @@
     python eval.py --index VIDEO_DIR --output index.pt    # VTC features of one's own videos (search.py)
     python eval.py --search "a dog runs" --index index.pt # text search of an index, VTM re-rank of the top k
     python eval.py --embed-text captions.txt --output captions.pt  # VTC features of captions
+    python eval.py --task qa [--shuffle-frames]      # video QA accuracy (Table 6; finetune.py)
+    python eval.py --paragraph --data didemo_test.json --video-root ...   # paragraph retrieval
 
 Retrieval follows Singularity: VTC similarity for every (text, video) pair ranks all videos, then
 the top --k of each text (and of each video, for video-to-text) are re-scored by the VTM head; both
@@ -29,6 +31,8 @@ import torch
 
 import curriculum
 import data
+import finetune
+import qa
 from checkpoint import latest_checkpoint, load_checkpoint, load_model_state
 from model import SViTT, SViTTConfig
 from pretrained import text_model_path
@@ -82,6 +86,12 @@ def parse_args(argv=None):
     p.add_argument("--top", type=int, default=10, help="results --search prints")
     p.add_argument("--embed-text", default=None, metavar="FILE",
                    help="VTC features of the captions of FILE (one a line) into --output")
+    p.add_argument("--task", default="retrieval", choices=["retrieval", "qa"],
+                   help="retrieval, or video QA accuracy of a `train.py --task qa` checkpoint")
+    p.add_argument("--answer-list", default=None,
+                   help="QA: JSON list of the answers to choose from (default: the run's)")
+    p.add_argument("--paragraph", action="store_true",
+                   help="retrieval: join a video's caption list into one text (default: the run's)")
     args = p.parse_args(argv)
     if args.k is None:
         args.k = 16 if args.search is not None else 128
@@ -106,11 +116,15 @@ def sparsity_overrides(config, *, keep_rate_v=None, keep_rate_m=None, blocks=Non
     return config
 
 
-def load_model(path, device, **overrides):
+def load_model(path, device, task="retrieval", **overrides):
     """-> (model in eval mode, its config, the checkpoint's run info)."""
     ckpt = load_checkpoint(path, required=("model", "config"))
+    trained_for = ckpt.get("run", {}).get("task", "pretrain")
+    if (task == "qa") != (trained_for == "qa"):
+        raise SystemExit(f"{path} is a {trained_for} checkpoint: evaluate it with "
+                         f"--task {'qa' if trained_for == 'qa' else 'retrieval'}")
     config = sparsity_overrides(SViTTConfig.from_dict(ckpt["config"]), **overrides)
-    model = SViTT(config, pretrained=False)
+    model = (qa.SViTTQA if task == "qa" else SViTT)(config, pretrained=False)
     load_model_state(model, ckpt["model"], path)
     return model.to(device).eval(), config, ckpt.get("run", {})
 
@@ -128,6 +142,51 @@ def test_split(args, run):
         return paths["test"], paths["video_root"]
     raise SystemExit(f"the checkpoint was trained on {run['data']} without a test split: pass "
                      f"--data and --video-root")
+
+
+def evaluate_qa_checkpoint(args, checkpoint, device, overrides):
+    """Video QA accuracy (Table 6) of a `train.py --task qa` checkpoint on its test split, and
+    with --shuffle-frames the same with frames out of order (Table 14)."""
+    model, config, run = load_model(checkpoint, device, task="qa", **overrides)
+    annotation, video_root = test_split(args, run)
+    answer_list = args.answer_list or run.get("answer_list")
+    if not answer_list:
+        raise SystemExit("QA evaluation needs --answer-list (a JSON list of answers)")
+    answers = data.load_answer_list(answer_list)
+    dataset = data.VideoQADataset(annotation, video_root, answer_list=answers,
+                                  frames=config.frames, image_size=config.image_size, train=False,
+                                  mean=config.image_mean, std=config.image_std)
+    tokenizer = data.default_tokenizer(text_model_path(config.text_model))
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=args.batch_size, num_workers=args.workers,
+        collate_fn=finetune.task_collate("qa", tokenizer, config, args.seed))
+
+    def run_once(shuffle=None):
+        generator = torch.Generator(device).manual_seed(args.seed)
+        return qa.evaluate_qa(model, loader, answers, tokenizer, device, k=args.k,
+                              answer_len=finetune.ANSWER_LEN, shuffle=shuffle,
+                              generator=generator)
+
+    def shuffle(video, first):  # Table 14: the same clips with frames out of order
+        return torch.stack([v[shuffled_order(v.shape[0], args.seed, first + i)]
+                            for i, v in enumerate(video)])
+
+    result = {"checkpoint": str(checkpoint), "split": str(annotation), "task": "qa",
+              "questions": len(dataset), "answers": len(answers), "k": args.k,
+              "outside_list": dataset.outside_list, "normal": run_once()}
+    print(f"{checkpoint}: T={config.frames}, (q_v, q_m)=({config.keep_rate_v}, "
+          f"{config.keep_rate_m}); {annotation}: {len(dataset)} questions, {len(answers)} answers "
+          f"({dataset.outside_list} questions answered outside the list)")
+    rows = {"normal": result["normal"]}
+    if args.shuffle_frames:
+        rows["shuffled"] = result["shuffled"] = run_once(shuffle)
+        result["shuffle_difference"] = result["normal"]["accuracy"] - rows["shuffled"]["accuracy"]
+    kinds = sorted(result["normal"]["per_type"])
+    print(f"{'':10}{'accuracy':>10}" + "".join(f"{kind:>12}" for kind in kinds))
+    for name, row in rows.items():
+        print(f"{name:10}{row['accuracy']:>10.1f}"
+              + "".join(f"{row['per_type'][kind]:>12.1f}" for kind in kinds))
+    return result
 
 
 def shuffled_order(frames, seed, index):
@@ -207,17 +266,21 @@ def rerank(model, feats, sim, k, device):
 def retrieval_metrics(t2v, v2t, text_video):
     """R@1/5/10 and mean, in percent, from score matrices (texts, videos).
 
-    text_video[i] is the video of caption i. Text-to-video: a caption's rank is the number of
-    other videos scoring at least its video's score (a tie counts against it). Video-to-text: a
-    video's rank is that of its best caption, counting the other videos' captions that score at
-    least as high."""
-    texts = torch.arange(len(text_video))
-    gt = t2v[texts, text_video]
-    t2v_rank = (t2v >= gt[:, None]).sum(1) - 1
-    own = text_video[None, :] == torch.arange(v2t.shape[1])[:, None]  # (videos, texts)
-    scores = v2t.T  # (videos, texts)
+    text_video: the video of each caption (texts,), or a bool ground-truth matrix (texts, videos)
+    when a caption has several right videos (data.RetrievalDataset). Text-to-video: a caption's
+    rank is the number of wrong videos scoring at least its best-scored right video (a tie counts
+    against it). Video-to-text: a video's rank is that of its best caption, counting the other
+    captions that score at least as high."""
+    if text_video.dim() == 1:
+        gt = torch.zeros(t2v.shape, dtype=torch.bool)
+        gt[torch.arange(len(text_video)), text_video] = True
+    else:
+        gt = text_video
+    best_video = t2v.masked_fill(~gt, float("-inf")).max(1).values
+    t2v_rank = ((t2v >= best_video[:, None]) & ~gt).sum(1)
+    own, scores = gt.T, v2t.T  # (videos, texts)
     best = scores.masked_fill(~own, float("-inf")).max(1).values
-    v2t_rank = ((scores >= best[:, None]) & ~own).sum(1)
+    v2t_rank = ((scores >= best[:, None]) & ~own).sum(1)[own.any(1)]  # videos with a caption
     metrics = {}
     for name, rank in (("t2v", t2v_rank), ("v2t", v2t_rank)):
         recalls = [100.0 * (rank < r).float().mean().item() for r in (1, 5, 10)]
@@ -235,8 +298,9 @@ def evaluate(model, dataset, tokenizer, device, *, k, batch_size, workers, seed,
                     shuffle_frames=shuffle_frames)
     sim = feats["text_feat"] @ feats["video_feat"].T  # (texts, videos), VTC (Eq. 29)
     t2v, v2t = rerank(model, feats, sim, k, device)
-    return {"vtc": retrieval_metrics(sim, sim, feats["text_video"]),
-            "vtm": retrieval_metrics(t2v, v2t, feats["text_video"])}
+    truth = (dataset.ground_truth_matrix() if isinstance(dataset, data.RetrievalDataset)
+             else feats["text_video"])  # several right videos per caption (SSv2 templates)
+    return {"vtc": retrieval_metrics(sim, sim, truth), "vtm": retrieval_metrics(t2v, v2t, truth)}
 
 
 def print_metrics(title, results):
@@ -388,17 +452,23 @@ def main(argv=None):
                           "--device",
                           str(device)] + (["--output", args.output] if args.output else []))
 
-    if args.checkpoint:
-        checkpoint = Path(args.checkpoint)
-    else:
-        checkpoint = latest_checkpoint(args.checkpoints_dir)
+    pattern = "qa_frames*/last.pt" if args.task == "qa" else "*/last.pt"
+    checkpoint = (Path(args.checkpoint) if args.checkpoint
+                  else latest_checkpoint(args.checkpoints_dir, pattern))
     overrides = dict(keep_rate_v=args.keep_rate_v, keep_rate_m=args.keep_rate_m,
                      blocks=args.blocks, dense=args.dense)
+    if args.task == "qa":
+        result = evaluate_qa_checkpoint(args, checkpoint, device, overrides)
+        write_result(result, args.output)
+        return result
     model, config, run = load_model(checkpoint, device, **overrides)
     annotation, video_root = test_split(args, run)
-    dataset = data.VideoTextDataset(annotation, video_root, frames=config.frames,
-                                    image_size=config.image_size, train=False,
-                                    mean=config.image_mean, std=config.image_std)
+    paragraph = args.paragraph or run.get("paragraph", False)
+    dataset = data.RetrievalDataset(annotation, video_root, paragraph=paragraph,
+                                    frames=config.frames, image_size=config.image_size,
+                                    train=False, mean=config.image_mean, std=config.image_std)
+    if paragraph:  # paragraphs are longer than captions (Table 9: 64 tokens for DiDeMo)
+        config.text_len = max(config.text_len, finetune.PARAGRAPH_TEXT_LEN)
     tokenizer = data.default_tokenizer(text_model_path(config.text_model))
     common = dict(k=args.k, batch_size=args.batch_size, workers=args.workers, seed=args.seed)
     edges = curriculum.count_config_edges(config)
@@ -445,11 +515,15 @@ def main(argv=None):
         result["pictures"] = visualize(model, dataset, tokenizer, device, args.visualize,
                                        count=args.num_pictures, seed=args.seed)
         print(f"wrote {len(result['pictures'])} pictures to {args.visualize}")
-    if args.output:
-        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.output).write_text(json.dumps(result, indent=2))
-        print(f"wrote {args.output}")
+    write_result(result, args.output)
     return result
+
+
+def write_result(result, output):
+    if output:
+        Path(output).parent.mkdir(parents=True, exist_ok=True)
+        Path(output).write_text(json.dumps(result, indent=2))
+        print(f"wrote {output}")
 
 
 if __name__ == "__main__":

@@ -518,6 +518,10 @@ class SViTT(nn.Module):
         vtm_labels[:B] = 1
         loss_vtm = F.cross_entropy(self.vtm_head(self.pool(fused, masks)), vtm_labels)
 
+        if "mlm_labels" not in batch:  # retrieval fine-tuning (Sec. 5): VTC and VTM only
+            return {"loss": loss_vtc + loss_vtm, "loss_vtc": loss_vtc, "loss_vtm": loss_vtm,
+                    "record": record}
+
         # MLM (Eq. 31): masked captions through f_t and f_m with the clip, BERT's MLM head. The
         # head's vocabulary-sized output is computed at the masked positions J only.
         masked, _ = self.encode_text(batch["mlm_input_ids"], batch["attention_mask"])

@@ -40,6 +40,7 @@ import json
 import logging
 import multiprocessing
 import os
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -194,11 +195,12 @@ def make_scene(rng, attributes, *, size, num_frames):
     raise RuntimeError(f"no room for two separate paths in a {size} px frame")
 
 
-def synthetic_caption_groups():
+def synthetic_caption_groups(same_colour=False):
     """One attribute pair per group of four captions that a scene's clips carry, in fixed order.
 
-    A caption is ((colour, shape, direction), (colour, shape, direction)) with two colours; its
-    group holds its reversal, its swap and the swap's reversal (see scene_clips).
+    A caption is ((colour, shape, direction), (colour, shape, direction)) with two colours (with
+    same_colour: one colour and two shapes, the retrieval fine-tuning split); its group holds its
+    reversal, its swap and the swap's reversal (see scene_clips).
     """
     def flip(event):
         return (event[0], event[1], OPPOSITE[event[2]])
@@ -206,7 +208,7 @@ def synthetic_caption_groups():
     events = list(itertools.product(COLOURS, SHAPES, DIRECTIONS))
     groups = []
     for first, second in itertools.product(events, events):
-        if first[0] == second[0]:
+        if (first[0] == second[0]) != same_colour or (same_colour and first[1] == second[1]):
             continue
         group = {(first, second), (flip(second), flip(first)), (second, first),
                  (flip(first), flip(second))}
@@ -215,9 +217,9 @@ def synthetic_caption_groups():
     return groups
 
 
-def plan_synthetic(seed, train_scenes, test_scenes):
+def plan_synthetic(seed, train_scenes, test_scenes, same_colour=False):
     """Attribute pairs of each split's scenes: test groups first, then train groups (no overlap)."""
-    groups = synthetic_caption_groups()
+    groups = synthetic_caption_groups(same_colour)
     assert test_scenes < len(groups), f"at most {len(groups) - 1} test scenes"
     order = np.random.default_rng(seed).permutation(len(groups))
     rest = order[test_scenes:]
@@ -275,7 +277,8 @@ def generate_synthetic(root, params, workers):
     if os.path.exists(manifest):
         os.remove(manifest)
     video_root = os.path.join(root, "videos")
-    plan = plan_synthetic(params["seed"], -(-params["num_train"] // 4), -(-params["num_test"] // 4))
+    plan = plan_synthetic(params["seed"], -(-params["num_train"] // 4), -(-params["num_test"] // 4),
+                          params.get("same_colour", False))
     annotations = {}
     for split, scenes in plan.items():
         os.makedirs(os.path.join(video_root, split), exist_ok=True)
@@ -304,7 +307,7 @@ def generate_synthetic(root, params, workers):
 
 def ensure_synthetic(root="data/synthetic", *, seed=0, num_train=1600,
                      num_test=160, num_frames=16, size=112,
-                     force=False, workers=2):
+                     force=False, workers=2, same_colour=False):
     """Make the synthetic dataset under ROOT if it is not there with these parameters.
 
     Returns {"train": annotation path, "test": annotation path, "video_root": folder}. Processes
@@ -314,6 +317,8 @@ def ensure_synthetic(root="data/synthetic", *, seed=0, num_train=1600,
     os.makedirs(root, exist_ok=True)
     params = {"version": SYNTHETIC_VERSION, "seed": seed, "num_train": num_train,
               "num_test": num_test, "num_frames": num_frames, "size": size, "fps": 8}
+    if same_colour:
+        params["same_colour"] = True
     with open(os.path.join(root, ".lock"), "w") as lock:
         if sys.platform != "win32":
             import fcntl  # Unix only; the lock guards several ranks of one machine
@@ -327,6 +332,102 @@ def ensure_synthetic(root="data/synthetic", *, seed=0, num_train=1600,
             "video_root": os.path.join(root, "videos")}
 
 
+# ---------------------------------------------------------------------------------------------
+# Downstream splits: video QA on the pre-training clips, and a retrieval fine-tuning split
+# ---------------------------------------------------------------------------------------------
+
+QA_VERSION = 1
+EVENT_TEXT = re.compile(r"a (\w+) (\w+) moves (\w+)")
+
+
+def parse_caption(caption: str) -> list[tuple[str, str, str]]:
+    """(colour, shape, direction) of each event of a synthetic caption, in time order."""
+    events = [EVENT_TEXT.fullmatch(part) for part in re.split(r",? then ", caption.strip())]
+    assert all(events), f"not a synthetic caption: {caption!r}"
+    return [event.groups() for event in events]
+
+
+def clip_questions(caption: str) -> list[dict]:
+    """The questions of a two-event clip, each needing the order of the frames:
+
+    - "first": which object moves first (the reversed or swapped clip answers the other object);
+    - "direction": which way an object moves (the reversal answers the opposite way);
+    - "after": what moves after an object ("nothing" after the second one).
+    """
+    (c1, s1, d1), (c2, s2, d2) = parse_caption(caption)
+    first, second = f"{c1} {s1}", f"{c2} {s2}"
+    return [
+        {"type": "first", "question": "which object moves first", "answer": first},
+        {"type": "direction", "question": f"which way does the {first} move", "answer": d1},
+        {"type": "direction", "question": f"which way does the {second} move", "answer": d2},
+        {"type": "after", "question": f"what moves after the {first}", "answer": second},
+        {"type": "after", "question": f"what moves after the {second}", "answer": "nothing"},
+    ]
+
+
+def synthetic_answer_list() -> list[str]:
+    """Every answer a synthetic question can have: the objects, the directions, "nothing"."""
+    objects = [f"{colour} {shape}" for colour in COLOURS for shape in SHAPES]
+    return objects + list(DIRECTIONS) + ["nothing"]
+
+
+def make_synthetic_qa(entries: list[dict], *, seed: int, per_clip: int | None) -> list[dict]:
+    """QA entries of a split's clips: all five questions of each clip, or `per_clip` of them
+    drawn with the seed (one "first" question always among them)."""
+    rng = np.random.default_rng(seed)
+    qa = []
+    for entry in entries:
+        questions = clip_questions(entry["caption"])
+        if per_clip is not None:
+            chosen = [0, *sorted(1 + rng.choice(4, size=per_clip - 1, replace=False))]
+            questions = [questions[i] for i in chosen]
+        for question in questions:
+            qa.append({"video": entry["video"], "question": question["question"],
+                       "answer": question["answer"], "type": question["type"],
+                       "question_id": len(qa)})
+    return qa
+
+
+def ensure_synthetic_qa(root="data/synthetic", *, seed: int = 0, train_per_clip: int = 3,
+                        **kwargs) -> dict:
+    """The synthetic QA set on the pre-training clips (made with ensure_synthetic(root, seed,
+    **kwargs) if needed): ROOT/qa_train.json (train_per_clip questions a clip), qa_test.json (all
+    five), qa_answers.json. Returns {"train", "test", "video_root", "answer_list"}."""
+    paths = ensure_synthetic(root, seed=seed, **kwargs)
+    root = os.fspath(root)
+    out = {split: os.path.join(root, f"qa_{split}.json") for split in ("train", "test")}
+    out["answer_list"] = os.path.join(root, "qa_answers.json")
+    manifest = os.path.join(root, "qa_manifest.json")
+    with open(os.path.join(root, "manifest.json")) as file:
+        params = {"version": QA_VERSION, "seed": seed, "train_per_clip": train_per_clip,
+                  "clips": json.load(file)}
+    try:
+        with open(manifest) as file:
+            ready = json.load(file) == params and all(map(os.path.isfile, out.values()))
+    except (OSError, ValueError):
+        ready = False
+    if not ready:
+        for split, per_clip in (("train", train_per_clip), ("test", None)):
+            entries = data.load_annotation(paths[split])
+            with open(out[split], "w") as file:
+                json.dump(make_synthetic_qa(entries, seed=seed, per_clip=per_clip), file, indent=0)
+        with open(out["answer_list"], "w") as file:
+            json.dump(synthetic_answer_list(), file)
+        with open(manifest, "w") as file:
+            json.dump(params, file)
+    return {**out, "video_root": paths["video_root"]}
+
+
+def ensure_synthetic_retrieval(root="data/synthetic_finetune", *, seed: int = 1,
+                               num_train: int = 400, num_test: int = 80, **kwargs) -> dict:
+    """The retrieval fine-tuning split: scenes whose two objects share their colour and differ in
+    shape ("a red square moves up, then a red circle moves left"), a pairing pre-training never
+    shows, so telling the four clips of a scene apart needs shape, not colour, bound to each
+    event. Same layout and reader as the pre-training data (ensure_synthetic)."""
+    return ensure_synthetic(root, seed=seed, num_train=num_train, num_test=num_test,
+                            same_colour=True, **kwargs)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="data/synthetic", help="data set folder")
@@ -335,6 +436,8 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0, help="data set seed")
     parser.add_argument("--force", action="store_true", help="make it again even if it is there")
     parser.add_argument("--workers", type=int, default=2, help="processes that write the clips")
+    parser.add_argument("--finetune-split", action="store_true",
+                        help="also make the retrieval fine-tuning split (data/synthetic_finetune)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     start = time.perf_counter()
@@ -345,6 +448,16 @@ def main(argv=None):
         print(f"{key:10s} {path}")
     print("the four clips of the first test scene, as the loader reads them:")
     data.demo(paths["test"], paths["video_root"])
+    qa = ensure_synthetic_qa(args.out, seed=args.seed, num_train=args.num_train,
+                             num_test=args.num_test)
+    baseline = data.majority_baseline(data.load_qa_annotation(qa["train"]),
+                                      data.load_qa_annotation(qa["test"]))
+    print(f"QA: {qa['train']}, {qa['test']}, answers {qa['answer_list']}; the most frequent "
+          f"answer of each question type scores {baseline['overall']:.1f}% on the test questions ("
+          + ", ".join(f"{kind} {acc:.1f}%" for kind, acc in baseline["per_type"].items()) + ")")
+    if args.finetune_split:
+        split = ensure_synthetic_retrieval(workers=args.workers)
+        print(f"retrieval fine-tuning split: {split['train']}, {split['test']}")
     return 0
 
 

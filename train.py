@@ -3,6 +3,8 @@
     python train.py --frames 4                 # stage 1: 4 frames, (q_v, q_m) = (0.7, 0.1)
     python train.py --resume --frames 8        # stage 2: expand the 4-frame model to 8 frames
     python train.py --resume                   # continue the newest checkpoint where it stopped
+    python train.py --task retrieval --init checkpoints/frames8/last.pt   # fine-tuning (Sec. 5)
+    python train.py --task qa --init checkpoints/frames8/last.pt          # video QA (finetune.py)
 
 Without --data the embedded synthetic data set is generated (once) and used with the CPU preset
 `tiny`; with `--data ANNOTATION --video-root DIR --preset base` the same script trains the paper's
@@ -37,7 +39,13 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 import curriculum
 import data
-from checkpoint import latest_checkpoint, load_checkpoint, load_model_state, save_checkpoint
+import finetune
+from checkpoint import (
+    latest_checkpoint,
+    load_checkpoint,
+    load_model_state,
+    save_checkpoint,
+)
 from cpu_speedups import keep_freed_memory
 from model import SViTT, SViTTConfig, preset
 from pretrained import text_model_path
@@ -90,6 +98,14 @@ def parse_args(argv=None):
     p.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda when available)")
     p.add_argument("--no-eval", action="store_true",
                    help="skip the zero-shot retrieval at the end of the stage")
+    p.add_argument("--task", default="pretrain", choices=["pretrain", "retrieval", "qa"],
+                   help="pre-training, or fine-tuning for retrieval (VTC + VTM) or video QA")
+    p.add_argument("--init", default=None, metavar="CHECKPOINT",
+                   help="pre-trained checkpoint a fine-tuning run starts from")
+    p.add_argument("--answer-list", default=None,
+                   help="QA: JSON list of the answers evaluation chooses from")
+    p.add_argument("--paragraph", action="store_true",
+                   help="retrieval: join a video's caption list into one text (DiDeMo)")
     return p.parse_args(argv)
 
 
@@ -148,6 +164,8 @@ def stage_config(config, stage):
 def build(args, log_line):
     """-> (model, config, stage, checkpoint or None, resume_exact). Architecture comes from the
     checkpoint when resuming; a new run from --preset."""
+    if args.task != "pretrain":
+        return build_finetune(args, log_line)
     if args.resume is None:
         frames = args.frames or 4
         stage = curriculum.stage_for(frames, args.preset or "tiny")
@@ -157,7 +175,8 @@ def build(args, log_line):
         config = stage_config(preset(args.preset or "tiny", **overrides), stage)
         return SViTT(config), config, stage, None, False
 
-    path = latest_checkpoint(args.output_dir) if args.resume == "latest" else Path(args.resume)
+    path = (latest_checkpoint(args.output_dir, "frames*/last.pt") if args.resume == "latest"
+            else Path(args.resume))
     ckpt = load_checkpoint(path)
     old = SViTTConfig.from_dict(ckpt["config"])
     if args.preset and args.preset != old.preset:
@@ -189,6 +208,38 @@ def build(args, log_line):
     return model, config, stage, None, False
 
 
+def build_finetune(args, log_line):
+    """build() of a fine-tuning run: a true resume of one (--resume), or a new one from the
+    pre-trained checkpoint --init with the task's stage (finetune.py)."""
+    cls = finetune.model_class(args.task)
+    if args.resume is not None:
+        path = (latest_checkpoint(args.output_dir, f"{args.task}_frames*/last.pt")
+                if args.resume == "latest" else Path(args.resume))
+        ckpt = load_checkpoint(path)
+        if ckpt["run"].get("task", "pretrain") != args.task:
+            raise SystemExit(f"--resume: {path} is a {ckpt['run'].get('task', 'pretrain')} run, "
+                             f"not {args.task}")
+        config = SViTTConfig.from_dict(ckpt["config"])
+        model = cls(config, pretrained=False)
+        load_model_state(model, ckpt["model"], path)
+        log_line(f"resume {path}: step {ckpt['step']}, epoch {ckpt['epoch']}")
+        return model, config, finetune.finetune_stage(args.task, config.frames, config.preset), \
+            ckpt, True
+    if args.init is None:
+        raise SystemExit(f"--task {args.task} needs --init CHECKPOINT (a pre-trained model), "
+                         f"or --resume")
+    ckpt = load_checkpoint(args.init, required=("model", "config"))
+    old = SViTTConfig.from_dict(ckpt["config"])
+    frames = args.frames or old.frames
+    stage = finetune.finetune_stage(args.task, frames, old.preset)
+    config = finetune.finetune_config(old, stage, paragraph=args.paragraph)
+    state, message = finetune.expand_if_needed(ckpt["model"], old.frames, frames, args.init)
+    model = cls(config, pretrained=False)
+    loaded = finetune.load_initial_state(model, state, args.init)
+    log_line(f"{args.task} fine-tuning from {message}; {loaded}")
+    return model, config, stage, None, False
+
+
 def hyper_parameters(args, stage, ckpt):
     """{epochs, batch_size, lr}: the stage's unless given; a true resume (ckpt) keeps its run's."""
     if ckpt is not None:
@@ -200,6 +251,10 @@ def hyper_parameters(args, stage, ckpt):
 
 def data_paths(args):
     """(train annotation, test annotation or None, video root)."""
+    if args.data is None and args.task != "pretrain":
+        paths = finetune.default_data(args.task)
+        args.answer_list = args.answer_list or paths["answer_list"]
+        return paths["train"], paths["test"], paths["video_root"]
     if args.data is None:
         paths = ensure_synthetic()
         return paths["train"], paths["test"], paths["video_root"]
@@ -232,7 +287,7 @@ class ResumableSampler(torch.utils.data.Sampler):
         return len(self.inner) - self.skip
 
 
-def make_loader(dataset, config, *, per_rank, world, rank, seed, workers, device):
+def make_loader(dataset, config, *, per_rank, world, rank, seed, workers, device, task):
     """-> (DataLoader of per-rank batches, its ResumableSampler, steps per epoch)."""
     sampler = ResumableSampler(dataset, world=world, rank=rank, seed=seed, batch_size=per_rank)
     steps_per_epoch = len(sampler.inner) // per_rank
@@ -242,9 +297,7 @@ def make_loader(dataset, config, *, per_rank, world, rank, seed, workers, device
     tokenizer = data.default_tokenizer(text_model_path(config.text_model))
     loader = DataLoader(dataset, batch_size=per_rank, sampler=sampler, num_workers=workers,
                         drop_last=True,
-                        collate_fn=data.make_collate(tokenizer, text_len=config.text_len,
-                                                     mlm_probability=config.mlm_probability,
-                                                     seed=seed),
+                        collate_fn=finetune.task_collate(task, tokenizer, config, seed),
                         pin_memory=device.type == "cuda", persistent_workers=workers > 0,
                         generator=torch.Generator().manual_seed(seed))
     return loader, sampler, steps_per_epoch
@@ -298,7 +351,6 @@ def restore_training_state(ckpt, optimizer, scheduler):
 # Logging and profiling
 # --------------------------------------------------------------------------------------------
 
-LOSSES = ("loss", "loss_vtc", "loss_vtm", "loss_mlm")
 
 
 class RunLog:
@@ -383,11 +435,13 @@ def train_step(model, optimizer, scheduler, batch, device, step):
     tensors = {k: v.to(device, non_blocking=True) for k, v in batch.items() if torch.is_tensor(v)}
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
         out = model(tensors)
-    losses = torch.stack([out[name].detach().float() for name in LOSSES])
-    values = dict(zip(LOSSES, losses.tolist()))  # one synchronisation for the four
+    names = [name for name in out if name.startswith("loss")]  # the task's losses
+    losses = torch.stack([out[name].detach().float() for name in names])
+    values = dict(zip(names, losses.tolist()))  # one synchronisation for them all
     if not math.isfinite(values["loss"]):
-        raise SystemExit(f"step {step}: loss is {values['loss']} (vtc {values['loss_vtc']:.3g}, "
-                         f"vtm {values['loss_vtm']:.3g}, mlm {values['loss_mlm']:.3g}); "
+        parts = ", ".join(f"{name[5:]} {value:.3g}" for name, value in values.items()
+                          if name != "loss")
+        raise SystemExit(f"step {step}: loss is {values['loss']} ({parts}); "
                          f"batch videos: {', '.join(batch['paths'])}")
     optimizer.zero_grad(set_to_none=True)
     out["loss"].backward()
@@ -404,7 +458,8 @@ def train(args):
     run_log = RunLog(main_process=rank == 0)
     seed_everything(args.seed)
     model, config, stage, ckpt, exact = build(args, run_log.line)
-    stage_dir = Path(args.output_dir) / f"frames{config.frames}"
+    prefix = "" if args.task == "pretrain" else f"{args.task}_"
+    stage_dir = Path(args.output_dir) / f"{prefix}frames{config.frames}"
     edges = curriculum.count_config_edges(config)
     run_log.line(f"stage T={config.frames} ({config.preset}): (K_l, K_r, "
                  f"G)=({config.local_blocks}, "
@@ -413,17 +468,21 @@ def train(args):
                  f"{edges.dense / 1e6:.3f}M dense, sparsity S={edges.sparsity:.2f} (Eq. 19)")
 
     train_ann, test_ann, video_root = data_paths(args)
-    dataset = data.VideoTextDataset(train_ann, video_root, frames=config.frames,
-                                    image_size=config.image_size, train=True,
-                                    mean=config.image_mean, std=config.image_std,
-                                    flip=config.horizontal_flip, seed=args.seed)
+    if args.task == "pretrain":
+        dataset = data.VideoTextDataset(train_ann, video_root, frames=config.frames,
+                                        image_size=config.image_size, train=True,
+                                        mean=config.image_mean, std=config.image_std,
+                                        flip=config.horizontal_flip, seed=args.seed)
+    else:
+        dataset = finetune.task_dataset(args.task, train_ann, video_root, config, train=True,
+                                        seed=args.seed, paragraph=args.paragraph)
     hp = hyper_parameters(args, stage, ckpt if exact else None)
     epochs, batch_size, lr = hp["epochs"], hp["batch_size"], hp["lr"]
     assert batch_size % world == 0, f"batch size {batch_size} must divide among {world} processes"
     workers = args.workers if args.workers is not None else (4 if device.type == "cuda" else 1)
     loader, sampler, steps_per_epoch = make_loader(
         dataset, config, per_rank=batch_size // world, world=world, rank=rank, seed=args.seed,
-        workers=workers, device=device)
+        workers=workers, device=device, task=args.task)
 
     model.to(device)
     ddp = model
@@ -438,7 +497,9 @@ def train(args):
     max_steps = min(total_steps, args.max_steps) if args.max_steps else total_steps
     run = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": args.seed,
            "data": str(train_ann), "video_root": str(video_root),
-           "test_data": str(test_ann) if test_ann else None}
+           "test_data": str(test_ann) if test_ann else None, "task": args.task,
+           "init": args.init, "paragraph": args.paragraph,
+           "answer_list": str(args.answer_list) if args.answer_list else None}
 
     run_log.open(stage_dir / "tb")
     run_log.line(f"{len(dataset)} pairs, {steps_per_epoch} steps of {batch_size} clips an epoch, "
@@ -476,15 +537,16 @@ def train(args):
     if world > 1:
         dist.destroy_process_group()
     return {"checkpoint": stage_dir / "last.pt", "losses": run_log.losses, "step": step,
-            "test_data": test_ann, "video_root": video_root}
+            "test_data": test_ann, "video_root": video_root, "task": args.task,
+            "answer_list": args.answer_list, "paragraph": args.paragraph}
 
 
-def evaluate_stage(checkpoint_path, test_ann, video_root, device):
+def evaluate_stage(checkpoint_path, test_ann, video_root, device, task_args=()):
     """Zero-shot retrieval on the test split, by eval.py in its own process; saved beside the
     checkpoint. A quick check: VTM re-scores the top 16 of each query (`python eval.py`: 128)."""
-    output = Path(checkpoint_path).with_name("retrieval.json")
+    output = Path(checkpoint_path).with_name("qa.json" if "qa" in task_args else "retrieval.json")
     command = [sys.executable, str(Path(__file__).with_name("eval.py")), "--checkpoint",
-               str(checkpoint_path), "--output", str(output), "--k", "16"]
+               str(checkpoint_path), "--output", str(output), "--k", "16", *task_args]
     if test_ann:
         command += ["--data", str(test_ann), "--video-root", str(video_root)]
     if device:
@@ -497,8 +559,12 @@ def main(argv=None):
     args = parse_args(argv)
     result = train(args)
     if int(os.environ.get("RANK", "0")) == 0 and not args.no_eval and result["checkpoint"].exists():
-        result["retrieval"] = evaluate_stage(result["checkpoint"], result["test_data"],
-                                             result["video_root"], args.device)
+        task_args = {"pretrain": [], "retrieval": ["--paragraph"] if args.paragraph else [],
+                     "qa": ["--task", "qa", "--k", "128"]
+                     + (["--answer-list", str(result["answer_list"])]
+                        if result["answer_list"] else [])}[args.task]
+        result["evaluation"] = evaluate_stage(result["checkpoint"], result["test_data"],
+                                              result["video_root"], args.device, task_args)
     return result
 
 

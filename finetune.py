@@ -1,0 +1,161 @@
+"""Fine-tuning for the downstream tasks (Sec. 5, Table 9): settings, data and models of
+`train.py --task retrieval` and `train.py --task qa`.
+
+    python train.py --task retrieval --init checkpoints/frames8/last.pt   # VTC + VTM, no MLM
+    python train.py --task qa --init checkpoints/frames8/last.pt          # the answer decoder
+    python eval.py --task qa                                               # the newest QA run
+
+A run starts from a pre-training checkpoint of any stage (`--init`); asking for more frames than
+it has expands it as pre-training does (curriculum.expand). Its stage (frames, sparsity, epochs,
+batch, learning rate) is Table 9's fine-tuning column for `base`, scaled for the CPU preset `tiny`
+as its pre-training stages are. Checkpoints go to `<output-dir>/<task>_frames<T>/last.pt` and
+resume with `--resume` like pre-training runs. train.py holds the loop; this file what differs.
+"""
+from dataclasses import replace
+
+import curriculum
+import data
+import synthetic
+from checkpoint import load_model_state
+from curriculum import Stage
+from model import SViTT
+from qa import SViTTQA
+
+QUESTION_LEN = 25      # question tokens (Table 9, QA)
+ANSWER_LEN = 5         # answer tokens, [CLS] and [SEP] included (Table 9, QA)
+PARAGRAPH_TEXT_LEN = 64  # text tokens of paragraph retrieval (Table 9: 64 for DiDeMo)
+
+# Table 9, fine-tuning columns: no warm-up, weight decay 0.02; retrieval lr 1e-5 with the
+# pre-training keep rates; QA at 8 frames, (q_v, q_m) = (0.6, 0.5), lr 5e-5. Table 9 gives QA at 8
+# frames only; 4 and 16 take that stage's q_v with QA's q_m.
+FINETUNE_STAGES = {
+    "retrieval": {
+        4: Stage(4, 1, 3, 56, 0.7, 0.1, epochs=15, warmup_epochs=0, batch_size=64, lr=1e-5,
+                 weight_decay=0.02),
+        8: Stage(8, 1, 3, 56, 0.6, 0.1, epochs=15, warmup_epochs=0, batch_size=48, lr=1e-5,
+                 weight_decay=0.02),
+        16: Stage(16, 1, 3, 56, 0.5, 0.1, epochs=15, warmup_epochs=0, batch_size=32, lr=1e-5,
+                  weight_decay=0.02),
+    },
+    "qa": {
+        4: Stage(4, 1, 3, 56, 0.7, 0.5, epochs=5, warmup_epochs=0, batch_size=128, lr=5e-5,
+                 weight_decay=0.02),
+        8: Stage(8, 1, 3, 56, 0.6, 0.5, epochs=5, warmup_epochs=0, batch_size=128, lr=5e-5,
+                 weight_decay=0.02),
+        16: Stage(16, 1, 3, 56, 0.5, 0.5, epochs=5, warmup_epochs=0, batch_size=128, lr=5e-5,
+                  weight_decay=0.02),
+    },
+}
+
+# The CPU preset: G = 14 as in its pre-training stages; a few epochs of the small synthetic splits
+# at a larger learning rate (its video encoder learnt from scratch minutes ago), batches a laptop
+# holds. As in Table 9, no warm-up.
+TINY_FINETUNE_STAGES = {
+    "retrieval": {
+        4: Stage(4, 1, 3, 14, 0.7, 0.1, epochs=6, warmup_epochs=0, batch_size=32, lr=1e-4,
+                 weight_decay=0.02),
+        8: Stage(8, 1, 3, 14, 0.6, 0.1, epochs=6, warmup_epochs=0, batch_size=32, lr=1e-4,
+                 weight_decay=0.02),
+        16: Stage(16, 1, 3, 14, 0.5, 0.1, epochs=6, warmup_epochs=0, batch_size=16, lr=1e-4,
+                  weight_decay=0.02),
+    },
+    "qa": {
+        4: Stage(4, 1, 3, 14, 0.7, 0.5, epochs=1, warmup_epochs=0, batch_size=32, lr=1e-4,
+                 weight_decay=0.02),
+        8: Stage(8, 1, 3, 14, 0.6, 0.5, epochs=1, warmup_epochs=0, batch_size=32, lr=1e-4,
+                 weight_decay=0.02),
+        16: Stage(16, 1, 3, 14, 0.5, 0.5, epochs=1, warmup_epochs=0, batch_size=16, lr=1e-4,
+                  weight_decay=0.02),
+    },
+}
+
+
+def finetune_stage(task: str, frames: int, preset: str = "base") -> Stage:
+    """The fine-tuning stage of `task` at `frames` (Table 9; `tiny`: its CPU scaling)."""
+    table = (TINY_FINETUNE_STAGES if preset == "tiny" else FINETUNE_STAGES)[task]
+    assert frames in table, f"no {task} stage for {frames} frames; stages exist for {sorted(table)}"
+    return table[frames]
+
+
+def model_class(task: str):
+    return SViTTQA if task == "qa" else SViTT
+
+
+def load_initial_state(model, state, source):
+    """Pre-trained weights into a fine-tuning model. A QA model from a pre-training checkpoint
+    gets the decoder from its multimodal layers (qa.py); a retrieval model ignores a QA
+    checkpoint's decoder."""
+    ours = model.state_dict()
+    if isinstance(model, SViTTQA):
+        has_decoder = any(key.startswith("answer_decoder.") for key in state)
+        state = {**{k: v for k, v in ours.items() if k.startswith("answer_decoder.")}, **state}
+        load_model_state(model, state, source)
+        if not has_decoder:
+            model.init_decoder_from_multimodal()
+        return "answer decoder " + ("from the checkpoint" if has_decoder else
+                                    "from the multimodal layers")
+    load_model_state(model, {k: v for k, v in state.items()
+                             if not k.startswith("answer_decoder.")}, source)
+    return "VTC and VTM heads from the checkpoint"
+
+
+def default_data(task: str) -> dict:
+    """The embedded synthetic split of a task: {"train", "test", "video_root", "answer_list"}."""
+    if task == "qa":
+        return synthetic.ensure_synthetic_qa()
+    return {**synthetic.ensure_synthetic_retrieval(), "answer_list": None}
+
+
+def task_dataset(task, annotation, video_root, config, *, train, seed=0, paragraph=False,
+                 answer_list=None):
+    """The dataset of a fine-tuning task (data.RetrievalDataset or data.VideoQADataset)."""
+    common = {"frames": config.frames, "image_size": config.image_size, "train": train,
+              "seed": seed, "mean": config.image_mean, "std": config.image_std,
+              "flip": train and config.horizontal_flip}
+    if task == "qa":
+        answers = data.load_answer_list(answer_list) if answer_list else None
+        return data.VideoQADataset(annotation, video_root, answer_list=answers, **common)
+    return data.RetrievalDataset(annotation, video_root, paragraph=paragraph, **common)
+
+
+class RetrievalCollate(data.VideoTextCollate):
+    """Pre-training's batches without the MLM inputs: fine-tuning for retrieval trains VTC and VTM
+    only, and SViTT.forward leaves MLM out when a batch has no mlm_labels."""
+
+    def __call__(self, items):
+        batch = super().__call__(items)
+        del batch["mlm_input_ids"], batch["mlm_labels"]
+        return batch
+
+
+def task_collate(task, tokenizer, config, seed):
+    """The DataLoader collate_fn of a task's batches."""
+    if task == "qa":
+        return data.QACollate(tokenizer, question_len=QUESTION_LEN, answer_len=ANSWER_LEN)
+    if task == "retrieval":
+        return RetrievalCollate(tokenizer, text_len=config.text_len, mlm_probability=0.0,
+                                seed=seed)
+    return data.make_collate(tokenizer, text_len=config.text_len,
+                             mlm_probability=config.mlm_probability, seed=seed)
+
+
+def finetune_config(config, stage, *, paragraph=False):
+    """The checkpoint's config with the fine-tuning stage's sparsity (and text length)."""
+    config = replace(config, frames=stage.frames, block_size=stage.block_size,
+                     local_blocks=stage.local_blocks, random_blocks=stage.random_blocks,
+                     keep_rate_v=stage.keep_rate_v, keep_rate_m=stage.keep_rate_m)
+    if paragraph:
+        config = replace(config, text_len=max(config.text_len, PARAGRAPH_TEXT_LEN))
+    return config
+
+
+def expand_if_needed(state, old_frames, frames, source):
+    """(state dict at `frames`, log line): curriculum.expand when the run asks for more frames."""
+    if frames == old_frames:
+        return state, f"{source}: {frames} frames"
+    if frames < old_frames:
+        raise SystemExit(f"--init: {source} has {old_frames} frames; fine-tuning can expand to "
+                         f"more frames, not fewer ({frames})")
+    state, message = curriculum.expand(state, old_frames, frames)
+    return state, message
+

@@ -1,0 +1,140 @@
+"""Tests for retrieval fine-tuning: the annotation variants of the retrieval benchmarks, recall
+with several right videos, and fine-tuning runs (train.py --task retrieval) that resume."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import data
+import eval as evaluation
+import synthetic
+
+
+def write_videos(root, names, num_frames=8, size=32):
+    for i, name in enumerate(names):
+        frames = np.full((num_frames, size, size, 3), 20 * i, dtype=np.uint8)
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        synthetic.write_mp4(str(root / name), frames, fps=8)
+
+
+def dataset(tmp_path, entries, **kwargs):
+    path = tmp_path / "ann.json"
+    path.write_text(json.dumps(entries))
+    write_videos(tmp_path / "videos", sorted({e["video"] for e in entries}))
+    kwargs.setdefault("train", False)
+    return data.RetrievalDataset(path, tmp_path / "videos", frames=2, image_size=16, **kwargs)
+
+
+def test_string_and_list_captions(tmp_path):
+    entries = [{"video": "a.mp4", "caption": "A dog runs."},
+               {"video": "b.mp4", "caption": ["a cat sits", "the cat, sitting"]}]
+    train = dataset(tmp_path, entries, train=True)
+    # each caption one training item; captions of one video share its video_id (VTC positives)
+    assert [(text, vid) for text, vid in train.items] == [
+        ("a dog runs", 0), ("a cat sits", 1), ("the cat sitting", 1)]
+    test = dataset(tmp_path, entries)
+    assert len(test) == 2 and test.captions == [("a dog runs", 0), ("a cat sits", 1),
+                                                ("the cat sitting", 1)]
+    assert test.ground_truth == [[0], [1], [1]]
+
+
+def test_paragraph_joins_sentences(tmp_path):
+    entries = [{"video": "a.mp4", "caption": ["A man enters.", "He sits down."]},
+               {"video": "b.mp4", "caption": "one sentence"}]
+    train = dataset(tmp_path, entries, train=True, paragraph=True)
+    assert train.items == [("a man enters he sits down", 0), ("one sentence", 1)]
+    test = dataset(tmp_path, entries, paragraph=True)
+    assert test.captions == [("a man enters he sits down", 0), ("one sentence", 1)]
+
+
+def test_several_ground_truth_videos(tmp_path):
+    entries = [{"video": "a.mp4", "caption": "pushing something"},
+               {"video": "b.mp4", "caption": "pulling something"},
+               {"video": "c.mp4", "caption": "Pushing something."}]
+    test = dataset(tmp_path, entries)
+    assert test.captions == [("pushing something", 0), ("pulling something", 1)]
+    assert test.ground_truth == [[0, 2], [1]]
+    assert test.ground_truth_matrix().tolist() == [[True, False, True], [False, True, False]]
+
+
+def test_recall_with_several_right_videos():
+    # caption 0: right videos 0 and 2; caption 1: right video 1
+    gt = torch.tensor([[True, False, True, False], [False, True, False, False]])
+    scores = torch.tensor([[0.1, 0.9, 0.8, 0.2],    # best right video (2) ranked 2nd
+                           [0.3, 0.7, 0.2, 0.6]])   # right video first
+    t2v = evaluation.retrieval_metrics(scores, scores, gt)
+    assert t2v["t2v_R@1"] == 50.0 and t2v["t2v_R@5"] == 100.0
+    # video-to-text: video 0's caption (0.1) is below caption 1 (0.3), video 1's (0.7) below
+    # caption 0 (0.9), video 2's (0.8) first; video 3 has no caption and is not a query
+    assert t2v["v2t_R@1"] == pytest.approx(100 / 3)
+    # one right video per caption reads the same as the index form
+    single = torch.tensor([2, 1])
+    assert evaluation.retrieval_metrics(scores, scores, single) == evaluation.retrieval_metrics(
+        scores, scores, torch.nn.functional.one_hot(single, 4).bool())
+
+
+# --------------------------------------------------------------------------------------------
+# Fine-tuning runs (train.py --task ...)
+# --------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    """A synthetic data set with its QA set, and a 1-step pre-training checkpoint."""
+    import train
+    root = tmp_path_factory.mktemp("synthetic")
+    clips = synthetic.ensure_synthetic_qa(root, num_train=8, num_test=4, workers=1)
+    out = tmp_path_factory.mktemp("pretrain")
+    train.main(["--data", str(root / "train.json"), "--video-root", clips["video_root"],
+                "--output-dir", str(out), "--batch-size", "4", "--workers", "0", "--no-eval",
+                "--frames", "4", "--max-steps", "1"])
+    return {**clips, "root": root, "checkpoint": out / "frames4" / "last.pt"}
+
+
+def finetune_run(pretrained, out, *extra):
+    import train
+    return train.main(["--task", "retrieval", "--data", str(pretrained["root"] / "train.json"),
+                       "--video-root", pretrained["video_root"], "--output-dir", str(out),
+                       "--batch-size", "4", "--workers", "0", "--no-eval", *extra])
+
+
+def test_retrieval_finetuning_resumes_exactly(pretrained, tmp_path):
+    init = ["--init", str(pretrained["checkpoint"])]
+    whole = finetune_run(pretrained, tmp_path / "whole", *init, "--max-steps", "3", "--epochs", "2")
+    first = finetune_run(pretrained, tmp_path / "split", *init, "--max-steps", "1",
+                         "--epochs", "2")
+    second = finetune_run(pretrained, tmp_path / "split", "--resume", "--max-steps", "3")
+    assert len(first["losses"]) == 1 and len(second["losses"]) == 2
+    torch.testing.assert_close(torch.tensor(first["losses"] + second["losses"]),
+                               torch.tensor(whole["losses"]), rtol=1e-5, atol=1e-5)
+    ckpt = torch.load(tmp_path / "split" / "retrieval_frames4" / "last.pt", weights_only=True)
+    assert ckpt["run"]["task"] == "retrieval" and ckpt["step"] == 3
+    assert not any("mlm" in name for name in ckpt["run"]) and ckpt["run"]["lr"] == 1e-4
+
+
+def test_finetuning_needs_a_checkpoint(pretrained, tmp_path):
+    with pytest.raises(SystemExit, match="needs --init"):
+        finetune_run(pretrained, tmp_path)
+
+
+def test_qa_finetuning_and_evaluation(pretrained, tmp_path):
+    import eval as evaluation
+    import train
+    result = train.main(["--task", "qa", "--init", str(pretrained["checkpoint"]), "--data",
+                         pretrained["train"], "--video-root", pretrained["video_root"],
+                         "--test-data", pretrained["test"], "--answer-list",
+                         pretrained["answer_list"], "--output-dir", str(tmp_path),
+                         "--batch-size", "4", "--workers", "0", "--no-eval", "--max-steps", "2"])
+    ckpt = torch.load(result["checkpoint"], weights_only=True)
+    assert ckpt["config"]["keep_rate_m"] == 0.5 and ckpt["run"]["task"] == "qa"
+    assert any(key.startswith("answer_decoder.") for key in ckpt["model"])
+    out = evaluation.main(["--task", "qa", "--checkpoints-dir", str(tmp_path), "--workers", "0",
+                           "--shuffle-frames", "--batch-size", "8"])
+    assert out["questions"] == 20 and out["normal"]["questions"] == 20   # 4 clips x 5 questions
+    assert set(out["normal"]["per_type"]) == {"first", "direction", "after"}
+    assert {p["answer"] for p in out["normal"]["predictions"]} <= set(
+        json.loads(open(pretrained["answer_list"]).read()))
+    assert "shuffled" in out
+    with pytest.raises(SystemExit, match="qa checkpoint"):
+        evaluation.main(["--checkpoint", str(result["checkpoint"]), "--workers", "0"])

@@ -1,0 +1,195 @@
+"""Tests for video question answering: the QA annotation and answer list (data.py), the answer
+weights, the answer decoder's loss and the ranking of the answer list (qa.py)."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import transformers
+
+import data
+import synthetic
+
+WORDS = ["a", "red", "blue", "square", "circle", "moves", "left", "right", "up", "down", "what",
+         "which", "way", "does", "the", "move", "first", "object", "nothing"]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    return transformers.BertTokenizer(vocab={w: i for i, w in enumerate(specials + WORDS)})
+
+
+def qa_set(tmp_path, entries, **kwargs):
+    path = tmp_path / "qa.json"
+    path.write_text(json.dumps(entries))
+    for i, video in enumerate(sorted({e["video"] for e in entries})):
+        synthetic.write_mp4(str(tmp_path / video), np.full((6, 32, 32, 3), 40 * i, np.uint8), fps=8)
+    kwargs.setdefault("train", False)
+    return data.VideoQADataset(path, tmp_path, frames=2, image_size=16, **kwargs)
+
+
+def test_answer_weights_are_one_over_n():
+    assert data.answer_weights("Left.") == {"left": 1.0}
+    weights = data.answer_weights(["left", "Left", "up", "down"])
+    assert weights == {"left": 0.5, "up": 0.25, "down": 0.25}
+    assert sum(weights.values()) == pytest.approx(1.0)
+
+
+def test_answers_string_or_list_and_outside_the_list(tmp_path, tokenizer):
+    entries = [{"video": "a.mp4", "question": "Which way does the red square move?",
+                "answer": "left", "question_id": "q7"},
+               {"video": "b.mp4", "question": "what moves first", "answer": ["red square"] * 2
+                + ["blue circle"]},
+               {"video": "a.mp4", "question": "what", "answer": "sideways"}]
+    qa = qa_set(tmp_path, entries, answer_list=["left", "right", "red square", "blue circle"])
+    assert len(qa) == 3 and len(qa.videos) == 2
+    assert qa.outside_list == 1   # "sideways"
+    first, second = qa[0], qa[1]
+    assert first["question"] == "which way does the red square move"
+    assert first["answers"] == ["left"] and first["weights"] == [1.0]
+    assert first["question_id"] == "q7" and second["question_id"] == 1
+    assert second["answers"] == ["red square", "blue circle"]
+    assert second["weights"] == pytest.approx([2 / 3, 1 / 3])
+    assert first["video"].shape == (2, 3, 16, 16)
+    batch = data.QACollate(tokenizer, question_len=25, answer_len=5)([first, second])
+    assert batch["answer_ids"].shape[0] == 3
+    assert batch["answer_question"].tolist() == [0, 1, 1]
+    assert batch["answer_ids"][:, 0].eq(tokenizer.cls_token_id).all()
+    torch.testing.assert_close(batch["answer_weight"], torch.tensor([1.0, 2 / 3, 1 / 3]))
+
+
+def test_entry_without_question_names_the_file(tmp_path):
+    path = tmp_path / "broken_qa.json"
+    path.write_text(json.dumps([{"video": "a.mp4", "question": "q", "answer": "a"},
+                                {"video": "b.mp4", "answer": "left"}]))
+    with pytest.raises(data.AnnotationError, match=r"broken_qa\.json: entry 1 .*no 'question'"):
+        data.load_qa_annotation(path)
+    with pytest.raises(data.AnnotationError, match=r"answers\.json: .*list of strings"):
+        (tmp_path / "answers.json").write_text('{"left": 1}')
+        data.load_answer_list(tmp_path / "answers.json")
+
+
+def test_majority_baseline_per_type():
+    train = [{"type": "dir", "answer": "up"}, {"type": "dir", "answer": "up"},
+             {"type": "dir", "answer": "left"}, {"type": "obj", "answer": "red square"}]
+    test = [{"type": "dir", "answer": "up"}, {"type": "dir", "answer": "down"},
+            {"type": "obj", "answer": "red square"}, {"type": "obj", "answer": "blue circle"}]
+    baseline = data.majority_baseline(train, test)
+    assert baseline["per_type"] == {"dir": 50.0, "obj": 50.0}
+    assert baseline["overall"] == 50.0 and baseline["answers"] == {"dir": "up", "obj": "red square"}
+
+
+# --------------------------------------------------------------------------------------------
+# The model: loss and ranking
+# --------------------------------------------------------------------------------------------
+
+def small_qa_model():
+    import model as svitt
+    import qa
+    text_config = {"vocab_size": 40, "hidden_size": 32, "num_hidden_layers": 4,
+                   "num_attention_heads": 2, "intermediate_size": 64,
+                   "max_position_embeddings": 64, "type_vocab_size": 2, "layer_norm_eps": 1e-12,
+                   "hidden_dropout_prob": 0.1, "attention_probs_dropout_prob": 0.1,
+                   "pad_token_id": 0}
+    config = svitt.SViTTConfig(frames=2, image_size=32, vision_width=32, vision_layers=2,
+                               vision_heads=1, block_size=2, prune_after=[1], keep_rate_m=0.5,
+                               text_layers=1, multimodal_layers=3, text_config=text_config,
+                               text_model="none")
+    torch.manual_seed(0)
+    return qa.SViTTQA(config, pretrained=False).eval()
+
+
+def brute_force_log_likelihood(model, answer, states, question_mask):
+    """log p(answer) token by token: each prefix decoded on its own, no padding, no batching."""
+    total = 0.0
+    for i in range(1, len(answer)):
+        prefix = torch.tensor([answer[:i]])
+        logits = model.decode(prefix, torch.ones_like(prefix), states, question_mask)[0, -1]
+        total += logits.log_softmax(-1)[answer[i]].item()
+    return total
+
+
+def test_decoder_starts_from_the_multimodal_layers():
+    model = small_qa_model()
+    for ours, theirs in zip(model.answer_decoder, model.multimodal_layers):
+        assert torch.equal(ours.attention.query.weight, theirs.attention.query.weight)
+        assert torch.equal(ours.output.weight, theirs.output.weight)
+        assert torch.equal(ours.crossattention.key.weight, theirs.crossattention.key.weight)
+
+
+def test_ranking_with_k_the_whole_list_is_brute_force():
+    import qa
+    model = small_qa_model()
+    # answers of 1 to 3 tokens between [CLS] (2) and [SEP] (3), padded with 0; several share
+    # their first token, so the first step alone cannot tell them apart
+    answers = [[5], [5, 6], [5, 7, 8], [9], [9, 10], [11, 12, 13], [14], [15, 6]]
+    ids = torch.zeros(len(answers), 5, dtype=torch.long)
+    for row, tokens in enumerate(answers):
+        ids[row, :len(tokens) + 2] = torch.tensor([2, *tokens, 3])
+    mask = (ids != 0).long()
+    states = torch.randn(4, 6, 32)
+    question_mask = torch.tensor([[1] * 6, [1] * 4 + [0] * 2, [1] * 3 + [0] * 3, [1] * 6])
+    brute = torch.tensor([[brute_force_log_likelihood(model, [2, *a, 3], states[q:q + 1],
+                                                      question_mask[q:q + 1]) for a in answers]
+                          for q in range(4)])                                      # (Q, N)
+    best, candidates, scores = qa.rank_answers(model, states, question_mask, ids, mask,
+                                               k=len(answers))
+    torch.testing.assert_close(scores, brute.gather(1, candidates), rtol=1e-4, atol=1e-4)
+    assert best.tolist() == brute.argmax(1).tolist()
+    # a smaller k: the best whole answer among the k of most probable first token
+    best, candidates, _ = qa.rank_answers(model, states, question_mask, ids, mask, k=3)
+    assert candidates.shape == (4, 3)
+    expected = candidates.gather(1, brute.gather(1, candidates).argmax(1, keepdim=True))[:, 0]
+    assert best.tolist() == expected.tolist()
+
+
+def test_loss_weights_repeated_answers():
+    model = small_qa_model()
+    torch.manual_seed(1)
+    video = torch.randn(2, 2, 3, 32, 32)
+    question_ids = torch.randint(5, 40, (2, 6))
+    question_mask = torch.ones(2, 6, dtype=torch.long)
+    answers = torch.tensor([[2, 5, 3, 0], [2, 9, 10, 3], [2, 7, 3, 0]])
+    answer_mask = (answers != 0).long()
+
+    def loss(rows, weights):
+        batch = {"video": video, "question_ids": question_ids, "question_mask": question_mask,
+                 "answer_ids": answers[rows], "answer_mask": answer_mask[rows],
+                 "answer_question": torch.tensor([0] * (len(rows) - 1) + [1]),
+                 "answer_weight": torch.tensor(weights)}
+        return model(batch, generator=torch.Generator().manual_seed(0))["loss"]
+
+    # question 0 answered ["a", "a", "b"] (weights 2/3, 1/3), question 1 answered "c"
+    merged = loss([0, 1, 2], [2 / 3, 1 / 3, 1.0])
+    repeated = loss([0, 0, 1, 2], [1 / 3, 1 / 3, 1 / 3, 1.0])
+    torch.testing.assert_close(merged, repeated)
+    states = model.encode_question(video, question_ids, question_mask,
+                                   torch.Generator().manual_seed(0))
+    ll = model.answer_log_likelihood(answers, answer_mask, states[[0, 0, 1]],
+                                     question_mask[[0, 0, 1]])
+    expected = -(2 / 3 * ll[0] + 1 / 3 * ll[1] + ll[2]) / 2
+    torch.testing.assert_close(merged, expected)
+    unweighted = loss([0, 1, 2], [1.0, 1.0, 1.0])
+    assert not torch.allclose(unweighted, merged)
+
+
+def test_synthetic_questions_need_time():
+    clip = "a red square moves up, then a blue circle moves left"
+    reversed_clip = "a blue circle moves right, then a red square moves down"
+    swapped = "a blue circle moves left, then a red square moves up"
+    answers = {c: {(q["question"], q["answer"]) for q in synthetic.clip_questions(c)}
+               for c in (clip, reversed_clip, swapped)}
+    assert ("which object moves first", "red square") in answers[clip]
+    assert ("which object moves first", "blue circle") in answers[reversed_clip]
+    assert ("which way does the red square move", "down") in answers[reversed_clip]
+    assert ("what moves after the red square", "blue circle") in answers[clip]
+    assert ("what moves after the red square", "nothing") in answers[swapped]
+    # the same questions, other answers: a clip and its reversal share no answer; the swap keeps
+    # only the directions
+    assert not answers[clip] & answers[reversed_clip]
+    assert {q for q, _ in answers[clip] & answers[swapped]} == {
+        "which way does the red square move", "which way does the blue circle move"}
+    listed = set(synthetic.synthetic_answer_list())
+    assert all(a in listed for pairs in answers.values() for _, a in pairs)
