@@ -115,6 +115,9 @@ def validate_annotation(entries, name):
         if not captions or not all(isinstance(text, str) and text.strip() for text in captions):
             raise _entry_error(name, index, entry,
                                "'caption' must be a non-empty string or a non-empty list of them")
+        if "group" in entry and (isinstance(entry["group"], bool)
+                                 or not isinstance(entry["group"], (str, int))):
+            raise _entry_error(name, index, entry, "'group' must be a string or an integer")
     return entries
 
 
@@ -361,8 +364,13 @@ class VideoTextDataset(torch.utils.data.Dataset):
         self.seed = seed
         video_ids: dict[str, int] = {}
         self.captions: list[tuple[str, int]] = []
+        # optional "group" of each video: the videos of a group differ only in what a temporal
+        # benchmark probes (the synthetic scenes' four clips); None where entries give none
+        self.video_groups = []
         for entry in entries:
             video_id = video_ids.setdefault(entry["video"], len(video_ids))
+            if video_id == len(self.video_groups):
+                self.video_groups.append(entry.get("group"))
             texts = entry["caption"] if isinstance(entry["caption"], list) else [entry["caption"]]
             self.captions.extend((clean_caption(text), video_id) for text in texts)
         self.videos = list(video_ids)
@@ -372,6 +380,9 @@ class VideoTextDataset(torch.utils.data.Dataset):
         # (caption, video_id) of each item
         self.items = self.captions if train else [(first_caption[i], i)
                                                   for i in range(len(self.videos))]
+        # the group of each item, or None when the annotation has no groups
+        self.groups = ([self.video_groups[video_id] for _, video_id in self.items]
+                       if any(g is not None for g in self.video_groups) else None)
         self._unreadable: dict[str, str] = {}   # this process's known bad files: path -> reason
         self.epoch = 0
 

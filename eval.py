@@ -63,6 +63,8 @@ def parse_args(argv=None):
     p.add_argument("--dense", action="store_true", help="dense attention and every token kept")
     p.add_argument("--shuffle-frames", action="store_true",
                    help="also evaluate with frames in a random order")
+    p.add_argument("--reverse-frames", action="store_true",
+                   help="also evaluate with frames in reverse order")
     p.add_argument("--sweep", choices=["keep-rate-v", "keep-rate-m"], default=None,
                    help="evaluate a list of keep rates and draw recall against keep rate")
     p.add_argument("--sweep-values", type=float, nargs="+", default=[1.0, 0.9, 0.8, 0.7, 0.6, 0.5,
@@ -199,17 +201,20 @@ def shuffled_order(frames, seed, index):
 
 
 @torch.no_grad()
-def extract(model, dataset, tokenizer, device, *, batch_size, workers, seed, shuffle_frames=False):
-    """Video tokens and features of every test video, text states and features of every caption."""
+def extract(model, dataset, tokenizer, device, *, batch_size, workers, seed, frame_order=None):
+    """Video tokens and features of every test video, text states and features of every caption.
+    frame_order: None, "shuffled" (a random order per clip) or "reversed"."""
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers,
                                          collate_fn=list)
     generator = torch.Generator(device).manual_seed(seed)  # the random attention blocks
     tokens, indices, video_feats, seen = [], [], [], 0
     for items in loader:
         video = torch.stack([item["video"] for item in items])  # (B, T, 3, S, S)
-        if shuffle_frames:  # Table 14: the same clips with frames out of order
+        if frame_order == "shuffled":  # Table 14: the same clips with frames out of order
             video = torch.stack([v[shuffled_order(v.shape[0], seed,
                                                   seen + i)] for i, v in enumerate(video)])
+        elif frame_order == "reversed":
+            video = video.flip(1)  # (B, T, 3, S, S), time reversed
         seen += len(items)
         tok, index, feat = model.encode_video(video.to(device), generator)
         tokens.append(tok.cpu())
@@ -290,22 +295,81 @@ def retrieval_metrics(t2v, v2t, text_video):
     return metrics
 
 
+def group_pairs(text_video, video_groups):
+    """(text, video) pairs of every caption with each video of its video's group, as (P, 2)."""
+    members = {}
+    for video, group in enumerate(video_groups):
+        if group is not None:
+            members.setdefault(group, []).append(video)
+    return torch.tensor([(t, v) for t, own in enumerate(text_video.tolist())
+                         for v in members.get(video_groups[own], [])],
+                        dtype=torch.long).view(-1, 2)
+
+
+def group_accuracy(scores, text_video, video_groups):
+    """Percent of captions whose video scores above every other video of its group (a tie counts
+    against it); None when no video has a group. scores (texts, videos).
+
+    A group holds videos that differ only in what a temporal benchmark probes: the synthetic
+    scenes' four clips are a clip, its reversal, its events swapped and that reversed. A model
+    blind to order cannot tell a clip from its reversal: chance is 25%, and such a model is
+    capped near 50%."""
+    pairs = group_pairs(text_video, video_groups)
+    if len(pairs) == 0:
+        return None
+    texts, videos = pairs.T
+    own = scores[texts, text_video[texts]]
+    beaten = (scores[texts, videos] >= own) & (videos != text_video[texts])
+    lost = torch.zeros(len(text_video), dtype=torch.bool).index_put_((texts,), beaten,
+                                                                     accumulate=True)
+    grouped = torch.zeros(len(text_video), dtype=torch.bool)
+    grouped[texts] = True
+    return 100.0 * (~lost[grouped]).float().mean().item()
+
+
+def spread(features, groups):
+    """Mean cosine similarity of unit features (n, e) between items of one group and of different
+    groups (one label per item, None for none). A joint space that tells a scene's clips apart
+    has within-group similarities well below 1; a collapsing one has both near 1."""
+    labels = {g: i for i, g in enumerate(dict.fromkeys(g for g in groups if g is not None))}
+    label = torch.tensor([labels.get(g, -1) for g in groups])
+    keep = label >= 0
+    cos, label = features[keep] @ features[keep].T, label[keep]
+    same = label[:, None] == label[None, :]
+    off_diagonal = ~torch.eye(len(label), dtype=torch.bool)
+    return {"within": cos[same & off_diagonal].mean().item(), "across": cos[~same].mean().item()}
+
+
 def evaluate(model, dataset, tokenizer, device, *, k, batch_size, workers, seed,
-             shuffle_frames=False):
-    """VTC-only and VTM re-ranked retrieval metrics."""
+             frame_order=None):
+    """VTC-only and VTM re-ranked retrieval metrics; where videos have groups, group accuracy
+    (VTM re-scores every video of each caption's group for it) and the spread of the features."""
     feats = extract(model, dataset, tokenizer, device, batch_size=batch_size, workers=workers,
-                    seed=seed,
-                    shuffle_frames=shuffle_frames)
+                    seed=seed, frame_order=frame_order)
     sim = feats["text_feat"] @ feats["video_feat"].T  # (texts, videos), VTC (Eq. 29)
     t2v, v2t = rerank(model, feats, sim, k, device)
     truth = (dataset.ground_truth_matrix() if isinstance(dataset, data.RetrievalDataset)
              else feats["text_video"])  # several right videos per caption (SSv2 templates)
-    return {"vtc": retrieval_metrics(sim, sim, truth), "vtm": retrieval_metrics(t2v, v2t, truth)}
+    results = {"vtc": retrieval_metrics(sim, sim, truth), "vtm": retrieval_metrics(t2v, v2t, truth)}
+    pairs = group_pairs(feats["text_video"], dataset.video_groups)
+    if len(pairs):
+        matched = torch.full_like(sim, float("nan"))
+        matched[pairs[:, 0], pairs[:, 1]] = vtm_scores(model, feats, pairs, device)
+        for ranking, scores in (("vtc", sim), ("vtm", matched)):
+            results[ranking]["group_acc"] = group_accuracy(scores, feats["text_video"],
+                                                           dataset.video_groups)
+        text_groups = [dataset.video_groups[v] for v in feats["text_video"].tolist()]
+        results["spread"] = {"text": spread(feats["text_feat"], text_groups),
+                             "video": spread(feats["video_feat"], dataset.video_groups)}
+    return results
 
 
 def print_metrics(title, results):
+    results = {ranking: results[ranking] for ranking in ("vtc", "vtm") if ranking in results}
     names = ["t2v_R@1", "t2v_R@5", "t2v_R@10", "t2v_mean", "v2t_R@1", "v2t_R@5", "v2t_R@10",
              "v2t_mean"]
+    if all("group_acc" in metrics for metrics in results.values()):
+        names.append("group_acc")
     print(title)
     print(f"{'':12}" + "".join(f"{n:>10}" for n in names))
     for ranking, metrics in results.items():
@@ -504,13 +568,21 @@ def main(argv=None):
                       f"{len(dataset.videos)} videos "
                       f"(VTC; VTM re-ranking of the top {args.k})", {"vtc": result["vtc"],
                                                                      "vtm": result["vtm"]})
-        if args.shuffle_frames:
-            shuffled = evaluate(model, dataset, tokenizer, device, shuffle_frames=True, **common)
-            result["shuffled"] = shuffled
-            result["shuffle_difference"] = {
-                r: {m: result[r][m] - shuffled[r][m] for m in shuffled[r]} for r in shuffled}
-            print_metrics("frames shuffled (Table 14)", shuffled)
-            print_metrics("normal - shuffled", result["shuffle_difference"])
+        if "spread" in result:
+            print("cosine similarity of the joint space's features, within a group / across "
+                  "groups: " + ", ".join(f"{side} {s['within']:.3f} / {s['across']:.3f}"
+                                         for side, s in result["spread"].items()))
+        for order, wanted in (("shuffled", args.shuffle_frames),
+                              ("reversed", args.reverse_frames)):
+            if not wanted:
+                continue
+            other = evaluate(model, dataset, tokenizer, device, frame_order=order, **common)
+            result[order] = other
+            result[f"{order}_difference"] = {r: {m: result[r][m] - other[r][m] for m in other[r]}
+                                             for r in ("vtc", "vtm")}
+            print_metrics(f"frames {order}" + (" (Table 14)" if order == "shuffled" else ""),
+                          {r: other[r] for r in ("vtc", "vtm")})
+            print_metrics(f"normal - {order}", result[f"{order}_difference"])
     if args.visualize:
         result["pictures"] = visualize(model, dataset, tokenizer, device, args.visualize,
                                        count=args.num_pictures, seed=args.seed)

@@ -57,6 +57,7 @@ class SViTTConfig:
     mlp_ratio: float = 4.0             # FFN hidden width / d
     layer_scale: float = 0.1           # BEiT's LayerScale initial value (0 disables it)
     abs_pos_embed: bool = True         # absolute 3D position embedding (Eq. 20-22)
+    pos_embed_init: str = "normal"     # its start: "normal" (std 0.02, BEiT's) or "sincos"
     rel_pos_bias: bool = True          # relative position bias over (t, h, w) (Eq. 24-27)
     drop_path: float = 0.0             # stochastic depth of the last block (0 at the first, linear
                                        # between, as BEiT); the BEiT checkpoint's config has 0.1
@@ -153,7 +154,7 @@ def preset(name, **overrides):
         # picks
         # the same scene played backwards, which a few minutes of training cannot yet tell apart
         config = SViTTConfig(preset="tiny", text_pooling="mean", layer_scale=0.0,
-                             hard_negatives=False)
+                             hard_negatives=False, pos_embed_init="sincos")
     else:
         raise ValueError(f"unknown preset {name!r}: choose 'base' or 'tiny'")
     return replace(config, **overrides)
@@ -247,6 +248,28 @@ class VisionBlock(nn.Module):
         return x, cls_attn, edges
 
 
+def sincos_pos_embed(frames, grid, dim):
+    """(T H W, dim) sine-cosine embedding of each patch's (t, h, w), as the Transformer and MAE
+    start theirs: a quarter of the channels for t, three eighths each for h and w.
+
+    A video encoder trained from scratch needs it: its patch embeddings start at an RMS of about
+    0.6, a 0.02-std learned embedding 30 times smaller, and AdamW moves a weight by at most about
+    lr a step (0.1 over the tiny preset's 200 steps at 5e-4), so positions, time included, would
+    stay almost invisible for the whole run."""
+    def axis(positions, channels):  # (n,) -> (n, channels)
+        freqs = 1.0 / 10000 ** (torch.arange(channels // 2, dtype=torch.float64) / (channels // 2))
+        angles = positions[:, None].double() * freqs[None]
+        return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+    dt = dim // 4 // 2 * 2
+    dh = (dim - dt) // 2 // 2 * 2
+    dw = dim - dt - dh
+    t, h, w = torch.meshgrid(torch.arange(frames), torch.arange(grid), torch.arange(grid),
+                             indexing="ij")
+    table = torch.cat([axis(t.flatten(), dt), axis(h.flatten(), dh), axis(w.flatten(), dw)], dim=1)
+    return table.float()  # (T H W, dim), time-major as the tokens (Eq. 1)
+
+
 class VideoEncoder(nn.Module):
     """f_v: patch embedding, 3D positions, sparse blocks with token pruning (Eq. 1-11)."""
 
@@ -266,7 +289,10 @@ class VideoEncoder(nn.Module):
         # BEiT's pooler: a LayerNorm of the mean of the regional tokens before `norm`
         self.pool_norm = nn.LayerNorm(d, eps=1e-12) if config.video_pooling == "mean" else None
         nn.init.trunc_normal_(self.cls_token, std=0.02)
-        if self.pos_embed is not None:
+        if self.pos_embed is not None and config.pos_embed_init == "sincos":
+            with torch.no_grad():
+                self.pos_embed[0, 1:] = sincos_pos_embed(config.frames, config.grid, d)
+        elif self.pos_embed is not None:
             nn.init.trunc_normal_(self.pos_embed, std=0.02)
 
     def forward(self, video, generator=None, record=None):

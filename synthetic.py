@@ -52,7 +52,7 @@ import data
 
 logger = logging.getLogger(__name__)
 
-SYNTHETIC_VERSION = 1   # bump when the generator changes, so old files are regenerated
+SYNTHETIC_VERSION = 2   # bump when the generator changes, so old files are regenerated
 COLOURS = {"red": (220, 40, 40), "green": (40, 180, 70), "blue": (40, 90, 235),
            "yellow": (240, 215, 40), "white": (245, 245, 245), "purple": (155, 65, 210)}
 SHAPES = ("square", "circle", "triangle")
@@ -254,7 +254,8 @@ def write_scene(job):
         video = f"{split}/{scene:05d}_{k}.mp4"
         frames = render_clip(background, clip, num_frames=num_frames, object_size=object_size)
         write_mp4(os.path.join(video_root, video), frames, fps=fps)
-        entries.append({"video": video, "caption": synthetic_caption(clip)})
+        entries.append({"video": video, "caption": synthetic_caption(clip),
+                        "group": f"{split}/{scene:05d}"})
     return entries
 
 

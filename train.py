@@ -87,6 +87,12 @@ def parse_args(argv=None):
                    help="clips per step over all processes (default: stage's)")
     p.add_argument("--lr", type=float, default=None,
                    help="peak learning rate (default: the stage's)")
+    p.add_argument("--text-lr-scale", type=float, default=None,
+                   help="learning rate of the pretrained text encoder relative to --lr "
+                        "(default: the stage's)")
+    p.add_argument("--dense", action="store_true",
+                   help="train the stage without sparsity (full attention, every token kept): "
+                        "the baseline that hybrid sparsity is compared with")
     p.add_argument("--workers", type=int, default=None,
                    help="DataLoader worker processes per process (default: 4 on a GPU, 1 on a "
                         "CPU, where the model needs the cores)")
@@ -154,8 +160,11 @@ def set_rng_state(state):
 # The run: config, model, data, optimizer
 # --------------------------------------------------------------------------------------------
 
-def stage_config(config, stage):
-    """The config with a stage's frames and sparsity."""
+def stage_config(config, stage, dense=False):
+    """The config with a stage's frames and sparsity (none at all with `dense`)."""
+    if dense:
+        return replace(config, frames=stage.frames, block_size=None, keep_rate_v=1.0,
+                       keep_rate_m=1.0)
     return replace(config, frames=stage.frames, block_size=stage.block_size,
                    local_blocks=stage.local_blocks, random_blocks=stage.random_blocks,
                    keep_rate_v=stage.keep_rate_v, keep_rate_m=stage.keep_rate_m)
@@ -172,7 +181,7 @@ def build(args, log_line):
         overrides = {"beit_checkpoint": args.beit}
         if args.text_model:
             overrides["text_model"] = args.text_model
-        config = stage_config(preset(args.preset or "tiny", **overrides), stage)
+        config = stage_config(preset(args.preset or "tiny", **overrides), stage, args.dense)
         return SViTT(config), config, stage, None, False
 
     path = (latest_checkpoint(args.output_dir, "frames*/last.pt") if args.resume == "latest"
@@ -195,7 +204,7 @@ def build(args, log_line):
     # temporal sparse expansion: the new stage's sparsity, the weights resized along time
     stage = curriculum.stage_for(frames, old.preset)
     curriculum.check_curriculum([old, stage])  # Eq. 14-16
-    config = stage_config(old, stage)
+    config = stage_config(old, stage, args.dense)
     state, message = curriculum.expand(ckpt["model"], old.frames, frames)
     model = SViTT(config, pretrained=False)
     load_model_state(model, state, path)
@@ -241,12 +250,17 @@ def build_finetune(args, log_line):
 
 
 def hyper_parameters(args, stage, ckpt):
-    """{epochs, batch_size, lr}: the stage's unless given; a true resume (ckpt) keeps its run's."""
+    """{epochs, batch_size, lr, text_lr_scale}: the stage's unless given; a true resume (ckpt)
+    keeps its run's."""
     if ckpt is not None:
-        return {key: ckpt["run"][key] for key in ("epochs", "batch_size", "lr")}
+        return {"text_lr_scale": 1.0,  # checkpoints from before the field trained so
+                **{key: ckpt["run"][key] for key in ("epochs", "batch_size", "lr", "text_lr_scale")
+                   if key in ckpt["run"]}}
     return {"epochs": stage.epochs if args.epochs is None else args.epochs,
             "batch_size": stage.batch_size if args.batch_size is None else args.batch_size,
-            "lr": stage.lr if args.lr is None else args.lr}
+            "lr": stage.lr if args.lr is None else args.lr,
+            "text_lr_scale": (stage.text_lr_scale if args.text_lr_scale is None
+                              else args.text_lr_scale)}
 
 
 def data_paths(args):
@@ -263,34 +277,73 @@ def data_paths(args):
     return args.data, args.test_data, args.video_root
 
 
+def grouped_order(groups, seed, epoch):
+    """Item indices with the items of each group next to each other: the groups in a random
+    order, the items of a group in a random order (both drawn from seed and epoch)."""
+    rng = np.random.default_rng([seed, epoch])
+    members = {}
+    for index, group in enumerate(groups):
+        members.setdefault(group, []).append(index)
+    keys = list(members)
+    order = []
+    for k in rng.permutation(len(keys)):
+        order.extend(int(i) for i in rng.permutation(members[keys[k]]))
+    return order
+
+
 class ResumableSampler(torch.utils.data.Sampler):
     """DistributedSampler's order (seeded by seed and epoch, one shard per rank) that can start
     `skip` batches into an epoch, so a resumed run sees the batches it had not seen. It yields
     (epoch, index) pairs: the DataLoader's workers persist across epochs and learn the epoch,
-    which seeds each item's frames, from the pair."""
+    which seeds each item's frames, from the pair.
 
-    def __init__(self, dataset, *, world, rank, seed, batch_size):
+    With `groups` (one label per item, from the annotation's "group" key) every batch holds the
+    items of whole groups, which are each other's hard negatives in VTC (Eq. 28-29): the groups
+    are shuffled, each step's batch of all ranks is a run of consecutive items of that order, and
+    rank r takes the r-th slice of it. A group stays whole when its size divides the per-rank
+    batch (the synthetic scenes: groups of 4, batches of 32); other sizes are split where a batch
+    ends. Without groups the order is DistributedSampler's, as before."""
+
+    def __init__(self, dataset, *, world, rank, seed, batch_size, groups=None):
         self.inner = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True,
                                         seed=seed, drop_last=True)
+        self.groups, self.world, self.rank, self.seed = groups, world, rank, seed
         self.batch_size = batch_size
         self.epoch = self.skip = 0
+
+    @property
+    def num_samples(self):
+        """Items of one epoch on this rank (whole batches of every rank when grouping)."""
+        if self.groups is None:
+            return len(self.inner)
+        return len(self.groups) // (self.batch_size * self.world) * self.batch_size
 
     def set_epoch(self, epoch, skip_batches=0):
         self.inner.set_epoch(epoch)
         self.epoch = epoch
         self.skip = skip_batches * self.batch_size
 
+    def indices(self):
+        if self.groups is None:
+            return list(self.inner)
+        order = grouped_order(self.groups, self.seed, self.epoch)
+        step = self.batch_size * self.world
+        mine = slice(self.rank * self.batch_size, (self.rank + 1) * self.batch_size)
+        return [i for start in range(0, self.num_samples // self.batch_size * step, step)
+                for i in order[start:start + step][mine]]
+
     def __iter__(self):
-        return iter([(self.epoch, index) for index in list(self.inner)[self.skip:]])
+        return iter([(self.epoch, index) for index in self.indices()[self.skip:]])
 
     def __len__(self):
-        return len(self.inner) - self.skip
+        return self.num_samples - self.skip
 
 
 def make_loader(dataset, config, *, per_rank, world, rank, seed, workers, device, task):
     """-> (DataLoader of per-rank batches, its ResumableSampler, steps per epoch)."""
-    sampler = ResumableSampler(dataset, world=world, rank=rank, seed=seed, batch_size=per_rank)
-    steps_per_epoch = len(sampler.inner) // per_rank
+    sampler = ResumableSampler(dataset, world=world, rank=rank, seed=seed, batch_size=per_rank,
+                               groups=dataset.groups)
+    steps_per_epoch = sampler.num_samples // per_rank
     if steps_per_epoch == 0:
         raise SystemExit(f"{dataset.annotation_name}: {len(dataset)} pairs make no batch of "
                          f"{per_rank} per process")
@@ -303,17 +356,32 @@ def make_loader(dataset, config, *, per_rank, world, rank, seed, workers, device
     return loader, sampler, steps_per_epoch
 
 
-def make_optimizer(model, lr, weight_decay):
-    """AdamW (0.9, 0.999); no weight decay on biases, norms, embeddings and the temperature."""
-    decay, no_decay = [], []
+def is_pretrained_text(name):
+    """Whether a parameter comes from the pretrained BERT: its embeddings, the text and
+    multimodal layers (not their new cross-attention) and the MLM head."""
+    return (name.startswith(("embeddings.", "text_layers.", "mlm_head."))
+            or (name.startswith("multimodal_layers.") and ".crossattention." not in name))
+
+
+def make_optimizer(model, lr, weight_decay, text_lr_scale=1.0):
+    """AdamW (0.9, 0.999); no weight decay on biases, norms, embeddings and the temperature.
+
+    The pretrained text side trains at lr * text_lr_scale: 1 in the paper, where both encoders
+    start pretrained; the tiny preset's video encoder starts from scratch at a learning rate that
+    would wash out its pretrained MiniLM text encoder (the captions' features then collapse into
+    a narrow cone), so its text side learns 20 times slower."""
+    groups = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         flat = p.ndim < 2 or any(k in name for k in ("pos_embed", "cls_token", "relative_position",
                                                      "cls_bias"))
-        (no_decay if flat else decay).append(p)
-    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.999))
+        scale = text_lr_scale if is_pretrained_text(name) else 1.0
+        groups.setdefault((flat, scale), []).append(p)
+    return torch.optim.AdamW([{"params": params, "weight_decay": 0.0 if flat else weight_decay,
+                               "lr": lr * scale}
+                              for (flat, scale), params in sorted(groups.items())],
+                             lr=lr, betas=(0.9, 0.999))
 
 
 def cosine_schedule(optimizer, warmup_steps, total_steps, floor=0.0):
@@ -489,13 +557,14 @@ def train(args):
     if world > 1:
         ddp = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device] if device.type == "cuda" else None)
-    optimizer = make_optimizer(model, lr, stage.weight_decay)
+    optimizer = make_optimizer(model, lr, stage.weight_decay, hp["text_lr_scale"])
     total_steps = epochs * steps_per_epoch
     scheduler = cosine_schedule(optimizer, int(stage.warmup_epochs * steps_per_epoch), total_steps,
                                 config.lr_floor)
     step, epoch = restore_training_state(ckpt, optimizer, scheduler) if exact else (0, 0)
     max_steps = min(total_steps, args.max_steps) if args.max_steps else total_steps
-    run = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": args.seed,
+    run = {"epochs": epochs, "batch_size": batch_size, "lr": lr,
+           "text_lr_scale": hp["text_lr_scale"], "seed": args.seed,
            "data": str(train_ann), "video_root": str(video_root),
            "test_data": str(test_ann) if test_ann else None, "task": args.task,
            "init": args.init, "paragraph": args.paragraph,

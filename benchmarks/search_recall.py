@@ -28,7 +28,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import data  # noqa: E402
 import search  # noqa: E402
-from model import SViTT, SViTTConfig, text_model_path  # noqa: E402
+from model import SViTT, SViTTConfig  # noqa: E402
+from pretrained import text_model_path  # noqa: E402
 
 
 def load(checkpoint):

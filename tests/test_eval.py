@@ -85,11 +85,11 @@ def test_shuffle_frames_changes_the_clips(checkpoint, tmp_path):
     tokenizer = data.default_tokenizer()
     normal = evaluation.extract(model, dataset, tokenizer, "cpu", batch_size=4, workers=0, seed=0)
     shuffled = evaluation.extract(model, dataset, tokenizer, "cpu", batch_size=4, workers=0, seed=0,
-                                  shuffle_frames=True)
+                                  frame_order="shuffled")
     assert not torch.allclose(normal["video_feat"], shuffled["video_feat"], atol=1e-4)
     torch.testing.assert_close(normal["text_feat"], shuffled["text_feat"])
     result = run_eval(checkpoint, tmp_path, "--shuffle-frames", "--k", "4")
-    assert "shuffled" in result and "shuffle_difference" in result
+    assert "shuffled" in result and "shuffled_difference" in result
 
 
 def test_pictures_and_sweep(checkpoint, tmp_path):
@@ -109,3 +109,40 @@ def test_pictures_and_sweep(checkpoint, tmp_path):
     png = result["sweep"]["png"]
     assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
     assert result["sweep"]["values"] == [1.0, 0.5]
+
+
+def test_group_accuracy_on_a_hand_made_matrix():
+    # videos 0-3 form group "a", videos 4-5 group "b", video 6 none; caption i is of video i
+    groups = ["a", "a", "a", "a", "b", "b", None]
+    text_video = torch.arange(7)
+    sim = torch.full((7, 7), -1.0)
+    sim[0, :4] = torch.tensor([0.9, 0.1, 0.2, 0.3])    # right: its video beats the group
+    sim[1, :4] = torch.tensor([0.5, 0.5, 0.1, 0.1])    # tie with video 0: counts against it
+    sim[2, :4] = torch.tensor([0.1, 0.1, 0.2, 0.8])    # video 3 wins: wrong
+    sim[3, :4] = torch.tensor([0.0, 0.0, 0.0, 0.1])    # right
+    sim[4, 4:6] = torch.tensor([0.3, 0.2])              # right
+    sim[5, 4:6] = torch.tensor([0.3, 0.2])              # wrong
+    sim[:4, 4:] = 5.0                                   # other groups' videos do not count
+    sim[6] = 0.0                                        # no group: not counted
+    assert evaluation.group_accuracy(sim, text_video, groups) == pytest.approx(100 * 3 / 6)
+    assert evaluation.group_accuracy(torch.zeros(7, 7), text_video, groups) == 0.0
+    assert evaluation.group_accuracy(sim, text_video, [None] * 7) is None
+    pairs = evaluation.group_pairs(text_video, groups)
+    assert len(pairs) == 4 * 4 + 2 * 2
+
+
+def test_reversed_frames_are_reported(checkpoint, tmp_path):
+    result = run_eval(checkpoint, tmp_path, "--reverse-frames", "--k", "4")
+    # the synthetic test split groups each scene's four clips: group accuracy for both rankings
+    assert 0 <= result["vtc"]["group_acc"] <= 100 and 0 <= result["vtm"]["group_acc"] <= 100
+    assert result["reversed_difference"]["vtc"]["group_acc"] == pytest.approx(
+        result["vtc"]["group_acc"] - result["reversed"]["vtc"]["group_acc"])
+
+
+def test_spread_within_and_across_groups():
+    features = torch.nn.functional.normalize(torch.tensor([[1.0, 0.0], [1.0, 0.1], [0.0, 1.0],
+                                                           [0.1, 1.0],
+                                                           [1.0, 1.0]]), dim=-1)
+    result = evaluation.spread(features, ["a", "a", "b", "b", None])
+    assert result["within"] == pytest.approx(features[0] @ features[1])
+    assert result["across"] == pytest.approx(((features[:2] @ features[2:4].T).mean()).item())

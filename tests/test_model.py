@@ -222,3 +222,46 @@ def test_stochastic_depth_grows_over_the_layers():
     assert torch.all((per_clip == 0) | torch.isclose(per_clip, torch.tensor(4 / 3)))
     assert 0.2 < (per_clip == 0).float().mean() < 0.3
     assert torch.equal(drop_path(x, 0.25, training=False), x)
+
+
+@pytest.mark.parametrize("mode", ["dense", "hybrid"])
+def test_video_features_depend_on_frame_order(mode):
+    """Reversing a clip's frames changes its feature through the relative position bias over time
+    (Eq. 26-27), and only through it: with a bias that ignores the time offset and no absolute
+    positions, the dense model sees a bag of frames."""
+    torch.manual_seed(0)
+    config = preset("tiny", frames=4, abs_pos_embed=False, **SPARSITY[mode])
+    model = SViTT(config, pretrained=False).eval()
+    with torch.no_grad():
+        for block in model.video_encoder.blocks:
+            block.rel_pos.relative_position_bias_table.normal_(0, 1.0)
+    size = config.image_size
+    video = torch.randn(2, 4, 3, size, size, generator=torch.Generator().manual_seed(1))
+    reversed_video = video.flip(1)
+
+    def features(clips):
+        with torch.no_grad():
+            return model.encode_video(clips, torch.Generator().manual_seed(0))[2]
+
+    forward, backward = features(video), features(reversed_video)
+    assert (forward - backward).norm(dim=-1).min() > 1e-2
+    if mode == "dense":
+        with torch.no_grad():
+            for block in model.video_encoder.blocks:
+                table = block.rel_pos.relative_position_bias_table
+                table.copy_(table[:1].expand_as(table))   # the same bias for every time offset
+        torch.testing.assert_close(features(video), features(reversed_video), rtol=1e-4, atol=1e-5)
+
+
+def test_sincos_pos_embed_tells_every_position_apart():
+    from model import sincos_pos_embed
+    table = sincos_pos_embed(4, 7, 128)   # (T H W, d), time-major
+    assert table.shape == (4 * 49, 128)
+    assert torch.cdist(table, table).add(torch.eye(len(table)) * 1e3).min() > 0.1
+    grid = table.view(4, 49, 128)
+    # the first quarter of the channels holds time alone: equal within a frame, different across
+    assert torch.equal(grid[:, :1, :32].expand(-1, 49, -1), grid[:, :, :32])
+    assert (grid[1:, 0, :32] - grid[:-1, 0, :32]).norm(dim=-1).min() > 0.1
+    torch.manual_seed(0)
+    model = SViTT(preset("tiny", frames=4), pretrained=False)
+    torch.testing.assert_close(model.video_encoder.pos_embed[0, 1:], table)

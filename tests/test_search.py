@@ -11,6 +11,7 @@ import torch
 import data
 import eval as evaluation
 import search
+import synthetic
 from model import SViTT, preset
 
 RED, GREEN, BLUE = (220, 40, 40), (40, 180, 70), (40, 90, 235)
@@ -19,7 +20,7 @@ RED, GREEN, BLUE = (220, 40, 40), (40, 180, 70), (40, 90, 235)
 def write_clip(path, rgb, num_frames=6, size=32):
     path.parent.mkdir(parents=True, exist_ok=True)
     frames = np.broadcast_to(np.array(rgb, dtype=np.uint8), (num_frames, size, size, 3)).copy()
-    data.write_mp4(str(path), frames, fps=8)
+    synthetic.write_mp4(str(path), frames, fps=8)
 
 
 def png_size(path):

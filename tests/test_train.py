@@ -162,3 +162,63 @@ def test_loader_masks_at_the_configs_rate(clips):
         loader, _, _ = train.make_loader(dataset, config, per_rank=8, world=1, rank=0, seed=0,
                                          workers=0, device=torch.device("cpu"))
         assert loader.collate_fn.mlm_probability == rate
+
+
+def batches_of(sampler, batch_size):
+    indices = [index for _, index in sampler]
+    return [indices[i:i + batch_size] for i in range(0, len(indices), batch_size)]
+
+
+def test_grouped_batches_hold_whole_groups():
+    groups = [f"scene{i // 4}" for i in range(48)]   # 12 groups of 4, items of a group adjacent
+    groups = [groups[i] for i in torch.randperm(48, generator=torch.Generator().manual_seed(0))]
+    dataset = list(range(48))
+    sampler = train.ResumableSampler(dataset, world=1, rank=0, seed=3, batch_size=8, groups=groups)
+    sampler.set_epoch(0)
+    batches = batches_of(sampler, 8)
+    assert len(batches) == len(sampler) // 8 == 6
+    for batch in batches:
+        labels = [groups[i] for i in batch]
+        assert all(labels.count(g) == 4 for g in labels), labels
+    assert sorted(i for b in batches for i in b) == list(range(48))
+    sampler.set_epoch(1)
+    assert batches_of(sampler, 8) != batches   # a new order every epoch
+    # DDP: two ranks of 4 take the two halves of every global batch of 8; each half whole groups
+    shards = []
+    for rank in range(2):
+        shard = train.ResumableSampler(dataset, world=2, rank=rank, seed=3, batch_size=4,
+                                       groups=groups)
+        shard.set_epoch(0)
+        shards.append(batches_of(shard, 4))
+        for batch in shards[-1]:
+            assert len({groups[i] for i in batch}) == 1
+    assert [a + b for a, b in zip(*shards)] == batches
+    # resumed two batches into the epoch: the batches an unbroken run had not yet seen
+    sampler.set_epoch(0, skip_batches=2)
+    assert batches_of(sampler, 8) == batches[2:]
+
+
+def test_ungrouped_data_keeps_the_distributed_order():
+    dataset = list(range(20))
+    sampler = train.ResumableSampler(dataset, world=1, rank=0, seed=0, batch_size=4)
+    reference = torch.utils.data.DistributedSampler(dataset, num_replicas=1, rank=0, shuffle=True,
+                                                    seed=0,
+                                                    drop_last=True)
+    sampler.set_epoch(2)
+    reference.set_epoch(2)
+    assert [i for _, i in sampler] == list(reference)
+
+
+def test_text_side_trains_at_its_own_learning_rate():
+    from model import SViTT, preset
+    model = SViTT(preset("tiny", frames=4))
+    optimizer = train.make_optimizer(model, 1e-3, 0.02, text_lr_scale=0.05)
+    lr_of = {id(p): group["lr"] for group in optimizer.param_groups for p in group["params"]}
+    named = dict(model.named_parameters())
+    assert lr_of[id(named["embeddings.word_embeddings.weight"])] == pytest.approx(5e-5)
+    assert lr_of[id(named["text_layers.0.attention.query.weight"])] == pytest.approx(5e-5)
+    cross = named["multimodal_layers.0.crossattention.query.weight"]
+    assert lr_of[id(cross)] == pytest.approx(1e-3)
+    assert lr_of[id(named["video_encoder.blocks.0.mlp.0.weight"])] == pytest.approx(1e-3)
+    assert lr_of[id(named["text_proj.weight"])] == pytest.approx(1e-3)
+    assert len(lr_of) == sum(p.requires_grad for p in model.parameters())
