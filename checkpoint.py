@@ -3,8 +3,8 @@
 A checkpoint is a dict of plain Python types and tensors, so `torch.load(weights_only=True)` reads
 it: model, optimizer, scheduler, step, epoch, rng, config (`SViTTConfig.to_dict()`) and run (the
 run's data and hyper-parameters). `train.py` writes one per stage as
-`<output-dir>/frames<T>/last.pt`; `train.py --resume` and `eval.py` read them with the functions
-below.
+`<output-dir>/frames<T>/last.pt`, every few hundred steps and at the end of each epoch; the one
+before it stays as `prev.pt`. `train.py --resume` and `eval.py` read them with the functions below.
 
     save_checkpoint("checkpoints/frames4/last.pt", {...})
     path = latest_checkpoint("checkpoints")      # the newest */last.pt
@@ -17,21 +17,55 @@ from pathlib import Path
 import torch
 
 
-def save_checkpoint(path, checkpoint):
-    """Atomic: write a temporary file beside `path`, then rename it over `path`."""
+def previous_path(path):
+    """Where the checkpoint before `path` is kept: `last.pt` -> `prev.pt`."""
+    path = Path(path)
+    return path.with_name("prev.pt" if path.name == "last.pt" else f"{path.stem}.prev.pt")
+
+
+def save_checkpoint(path, checkpoint, keep_previous=True):
+    """Atomic: write a temporary file beside `path`, flush it to disk, then rename it over `path`.
+
+    The checkpoint it replaces is kept as `prev.pt` (previous_path), so that one which later turns
+    out corrupt has a fallback. A write that fails (disk full, an exception, a signal) removes the
+    temporary file and leaves `path` and `prev.pt` as they were."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".pt.tmp")
-    torch.save(checkpoint, tmp)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as file:
+            torch.save(checkpoint, file)
+            file.flush()
+            os.fsync(file.fileno())
+        if keep_previous and path.exists():
+            keep_as(path, previous_path(path))
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def keep_as(path, previous):
+    """`previous` becomes the file at `path`: a hard link, so that `path` never goes missing, or a
+    rename where the file system has no links."""
+    link = previous.with_suffix(".pt.tmp")
+    try:
+        link.unlink(missing_ok=True)
+        os.link(path, link)
+        os.replace(link, previous)
+    except OSError:
+        link.unlink(missing_ok=True)
+        os.replace(path, previous)
 
 
 def latest_checkpoint(folder, pattern="*/last.pt"):
     """The newest `pattern` under `folder` (one folder per stage or fine-tuning task)."""
     candidates = sorted(Path(folder).glob(pattern), key=lambda p: p.stat().st_mtime)
     if not candidates:
+        kept = sorted(Path(folder).glob(pattern.replace("last.pt", "prev.pt")))
+        offer = f"; the previous one is kept: --resume {kept[-1]}" if kept else ""
         raise SystemExit(f"no checkpoint {pattern} under {folder}/: train one with "
-                         f"`python train.py --frames 4`, or name one")
+                         f"`python train.py --frames 4`, or name one{offer}")
     return candidates[-1]
 
 
@@ -43,8 +77,11 @@ def load_checkpoint(path, required=("model", "config", "step", "epoch")):
     except FileNotFoundError:
         raise SystemExit(f"{path} does not exist") from None
     except Exception as error:  # unpickling errors: a truncated file, or one holding code
-        raise SystemExit(f"{path} is not a readable SViTT checkpoint "
-                         f"({type(error).__name__}: {error})") from None
+        reason = " ".join(f"{type(error).__name__}: {error}".split())[:200]
+        previous = previous_path(path)
+        offer = (f"; the checkpoint before it is kept: --resume {previous}"
+                 if previous.exists() and previous != Path(path) else "")
+        raise SystemExit(f"{path} is not a readable SViTT checkpoint ({reason}){offer}") from None
     missing = [k for k in required if not isinstance(ckpt, dict) or k not in ckpt]
     if missing:
         raise SystemExit(f"{path} lacks {missing}; is it a checkpoint of this project?")

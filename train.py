@@ -26,8 +26,12 @@ import logging
 import math
 import os
 import random
+import shlex
+import signal
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -52,6 +56,9 @@ from pretrained import text_model_path
 from synthetic import ensure_synthetic
 
 log = logging.getLogger("train")
+# Default steps between checkpoints: a minute of the tiny quickstart on a CPU, a few minutes of
+# `base` on GPUs.
+SAVE_EVERY = {"tiny": 25, "base": 500}
 
 
 def parse_args(argv=None):
@@ -83,6 +90,10 @@ def parse_args(argv=None):
     p.add_argument("--max-steps", type=int, default=None,
                    help="stop after this many optimizer steps of the stage (smoke runs); the "
                         "schedule still spans --epochs")
+    p.add_argument("--save-every", type=int, default=None, metavar="STEPS",
+                   help="write the checkpoint every STEPS steps as well as after each epoch "
+                        f"(default: {SAVE_EVERY['tiny']} for the tiny preset, about a minute on a "
+                        f"CPU; {SAVE_EVERY['base']} for base)")
     p.add_argument("--batch-size", type=int, default=None,
                    help="clips per step over all processes (default: stage's)")
     p.add_argument("--lr", type=float, default=None,
@@ -113,6 +124,55 @@ def parse_args(argv=None):
     p.add_argument("--paragraph", action="store_true",
                    help="retrieval: join a video's caption list into one text (DiDeMo)")
     return p.parse_args(argv)
+
+
+def check_args(args):
+    """Flags outside what a run allows stop it before anything is built, each with one line that
+    names the flag and what is allowed."""
+    for flag, value in (("--batch-size", args.batch_size), ("--epochs", args.epochs),
+                        ("--max-steps", args.max_steps), ("--save-every", args.save_every)):
+        if value is not None and value <= 0:
+            raise SystemExit(f"{flag} {value}: must be a positive whole number")
+    if args.workers is not None and args.workers < 0:
+        raise SystemExit(f"--workers {args.workers}: must be 0 (load in the main process) or more")
+    for flag, value in (("--lr", args.lr), ("--text-lr-scale", args.text_lr_scale)):
+        if value is not None and not (math.isfinite(value) and value >= 0):
+            raise SystemExit(f"{flag} {value}: must be a finite number, 0 or more")
+    if args.frames is not None and args.resume is None and args.task == "pretrain":
+        stage_of(args.frames, args.preset or "tiny")  # resumed and fine-tuning runs: in build()
+    if args.video_root is not None and not Path(args.video_root).is_dir():
+        raise SystemExit(f"--video-root {args.video_root}: no such folder")
+    for flag, path in (("--data", args.data), ("--test-data", args.test_data),
+                       ("--init", args.init), ("--answer-list", args.answer_list)):
+        if path is not None and not Path(path).is_file():
+            raise SystemExit(f"{flag} {path}: no such file")
+    check_writable(args.output_dir)
+
+
+def check_writable(folder):
+    """--output-dir exists (made if needed) and takes new files."""
+    try:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        raise SystemExit(f"--output-dir {folder}: cannot write checkpoints there "
+                         f"({error.strerror or error})") from None
+
+
+def stage_of(frames, preset, task="pretrain"):
+    """The pre-training (curriculum.py) or fine-tuning (finetune.py) stage of `frames` clips;
+    a frame count without one is a one-line error that lists those there are."""
+    if task == "pretrain":
+        table = curriculum.TINY_STAGES if preset == "tiny" else curriculum.STAGES
+    else:
+        table = (finetune.TINY_FINETUNE_STAGES if preset == "tiny"
+                 else finetune.FINETUNE_STAGES)[task]
+    if frames not in table:
+        kind = "" if task == "pretrain" else f"{task} "
+        raise SystemExit(f"--frames {frames}: no {kind}stage of {frames} frames for the {preset} "
+                         f"preset; stages exist for {', '.join(map(str, sorted(table)))}")
+    return table[frames]
 
 
 # --------------------------------------------------------------------------------------------
@@ -177,7 +237,7 @@ def build(args, log_line):
         return build_finetune(args, log_line)
     if args.resume is None:
         frames = args.frames or 4
-        stage = curriculum.stage_for(frames, args.preset or "tiny")
+        stage = stage_of(frames, args.preset or "tiny")
         overrides = {"beit_checkpoint": args.beit}
         if args.text_model:
             overrides["text_model"] = args.text_model
@@ -197,12 +257,12 @@ def build(args, log_line):
         model = SViTT(old, pretrained=False)
         load_model_state(model, ckpt["model"], path)
         log_line(f"resume {path}: step {ckpt['step']}, epoch {ckpt['epoch']}, {old.frames} frames")
-        return model, old, curriculum.stage_for(frames, old.preset), ckpt, True
+        return model, old, stage_of(frames, old.preset), ckpt, True
     if frames < old.frames:
         raise SystemExit(f"--resume: {path} has {old.frames} frames; expansion goes to more "
                          f"frames, not {frames}")
     # temporal sparse expansion: the new stage's sparsity, the weights resized along time
-    stage = curriculum.stage_for(frames, old.preset)
+    stage = stage_of(frames, old.preset)
     curriculum.check_curriculum([old, stage])  # Eq. 14-16
     config = stage_config(old, stage, args.dense)
     state, message = curriculum.expand(ckpt["model"], old.frames, frames)
@@ -232,15 +292,14 @@ def build_finetune(args, log_line):
         model = cls(config, pretrained=False)
         load_model_state(model, ckpt["model"], path)
         log_line(f"resume {path}: step {ckpt['step']}, epoch {ckpt['epoch']}")
-        return model, config, finetune.finetune_stage(args.task, config.frames, config.preset), \
-            ckpt, True
+        return model, config, stage_of(config.frames, config.preset, args.task), ckpt, True
     if args.init is None:
         raise SystemExit(f"--task {args.task} needs --init CHECKPOINT (a pre-trained model), "
                          f"or --resume")
     ckpt = load_checkpoint(args.init, required=("model", "config"))
     old = SViTTConfig.from_dict(ckpt["config"])
     frames = args.frames or old.frames
-    stage = finetune.finetune_stage(args.task, frames, old.preset)
+    stage = stage_of(frames, old.preset, args.task)
     config = finetune.finetune_config(old, stage, paragraph=args.paragraph)
     state, message = finetune.expand_if_needed(ckpt["model"], old.frames, frames, args.init)
     model = cls(config, pretrained=False)
@@ -339,7 +398,15 @@ class ResumableSampler(torch.utils.data.Sampler):
         return self.num_samples - self.skip
 
 
-def make_loader(dataset, config, *, per_rank, world, rank, seed, workers, device, task):
+def ignore_stop_signals(worker_id):
+    """DataLoader workers leave SIGTERM and SIGINT to the main process, which stops after its
+    step (StopRequest) and then shuts them down."""
+    for signum in StopRequest.SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+
+
+def make_loader(dataset, config, *, per_rank, world, rank, seed, workers, device,
+                task="pretrain"):
     """-> (DataLoader of per-rank batches, its ResumableSampler, steps per epoch)."""
     sampler = ResumableSampler(dataset, world=world, rank=rank, seed=seed, batch_size=per_rank,
                                groups=dataset.groups)
@@ -352,6 +419,7 @@ def make_loader(dataset, config, *, per_rank, world, rank, seed, workers, device
                         drop_last=True,
                         collate_fn=finetune.task_collate(task, tokenizer, config, seed),
                         pin_memory=device.type == "cuda", persistent_workers=workers > 0,
+                        worker_init_fn=ignore_stop_signals,
                         generator=torch.Generator().manual_seed(seed))
     return loader, sampler, steps_per_epoch
 
@@ -483,6 +551,62 @@ class RunLog:
             self.writer.close()
 
 
+class StopRequest:
+    """SIGTERM (what a cluster scheduler sends before preempting a job) and SIGINT (Ctrl-C): the
+    first asks the training loop to finish its step, write the checkpoint and stop; a second
+    stops at once. Under torchrun the ranks agree on the step (`agreed`)."""
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self, checkpoint):
+        self.checkpoint = checkpoint
+        self.signum = None
+        self.previous = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self.previous = {signum: signal.signal(signum, self.handle)
+                             for signum in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc):
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+
+    @property
+    def name(self):
+        return signal.Signals(self.signum).name if self.signum else None
+
+    def handle(self, signum, frame):
+        # no printing here: the signal may arrive while the progress bar writes to stderr
+        if self.signum is not None:
+            raise SystemExit(f"{signal.Signals(signum).name} again: stopped at once; the last "
+                             f"checkpoint written is {self.checkpoint}")
+        self.signum = signum
+
+    def agreed(self, world, device):
+        """Whether to stop after this step: a signal on any rank (one MAX all-reduce a step
+        under torchrun), so that all ranks stop after the same step."""
+        if world == 1:
+            return self.signum is not None
+        flag = torch.tensor([self.signum or 0], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        self.signum = self.signum or int(flag.item()) or None
+        return self.signum is not None
+
+
+def resume_command(argv, checkpoint):
+    """The command line that continues a stopped run: its own flags, --resume CHECKPOINT."""
+    kept, skip = [], False
+    for token in argv:
+        if skip and not token.startswith("-"):
+            skip = False
+            continue
+        skip = token == "--resume"
+        if not skip and not token.startswith("--resume="):
+            kept.append(token)
+    return shlex.join(["python", "train.py", "--resume", str(checkpoint), *kept])
+
+
 def start_profiler(folder):
     """torch.profiler over a few steps, traced for TensorBoard's profiler plugin."""
     profiler = torch.profiler.profile(
@@ -518,9 +642,11 @@ def train_step(model, optimizer, scheduler, batch, device, step):
     return values, out["record"]
 
 
-def train(args):
+def train(args, argv=()):
     """One stage of pre-training: AdamW with a cosine schedule and warm-up over the stage's
-    epochs (Sec. A.3, Table 9), a checkpoint after every epoch."""
+    epochs (Sec. A.3, Table 9). A checkpoint every --save-every steps, after every epoch and at
+    the end; SIGTERM or SIGINT stop the run after its step with a checkpoint (StopRequest).
+    `argv`, the command line, goes into the message that says how to resume."""
     keep_freed_memory()
     rank, world, device = setup_distributed(args.device)
     run_log = RunLog(main_process=rank == 0)
@@ -546,7 +672,8 @@ def train(args):
                                         seed=args.seed, paragraph=args.paragraph)
     hp = hyper_parameters(args, stage, ckpt if exact else None)
     epochs, batch_size, lr = hp["epochs"], hp["batch_size"], hp["lr"]
-    assert batch_size % world == 0, f"batch size {batch_size} must divide among {world} processes"
+    if batch_size % world:
+        raise SystemExit(f"--batch-size {batch_size}: must divide among the {world} processes")
     workers = args.workers if args.workers is not None else (4 if device.type == "cuda" else 1)
     loader, sampler, steps_per_epoch = make_loader(
         dataset, config, per_rank=batch_size // world, world=world, rank=rank, seed=args.seed,
@@ -570,32 +697,49 @@ def train(args):
            "init": args.init, "paragraph": args.paragraph,
            "answer_list": str(args.answer_list) if args.answer_list else None}
 
+    save_every = args.save_every or SAVE_EVERY.get(config.preset, SAVE_EVERY["base"])
+    checkpoint_path = stage_dir / "last.pt"
+
+    def save(reason):
+        try:
+            save_checkpoint(checkpoint_path, training_state(
+                model, optimizer, scheduler, step=step, epoch=epoch, config=config, run=run))
+        except OSError as error:
+            kept = (f"{checkpoint_path} (step {saved_step}) is unchanged" if saved_step
+                    else "no checkpoint of this run was written")
+            raise SystemExit(f"step {step}: cannot write the {reason} checkpoint "
+                             f"{checkpoint_path} ({error.strerror or error}); {kept}") from None
+        return step
+
     run_log.open(stage_dir / "tb")
     run_log.line(f"{len(dataset)} pairs, {steps_per_epoch} steps of {batch_size} clips an epoch, "
                  f"{epochs} epochs, lr {lr:g}, {world} process(es) on {device}; "
                  f"logs in {stage_dir}")
     profiler = start_profiler(stage_dir / "profile") if args.profile and rank == 0 else None
     model.train()
-    while epoch < epochs and step < max_steps:
-        # a resumed epoch skips the batches it has seen; the items carry the epoch
-        sampler.set_epoch(epoch, skip_batches=step - epoch * steps_per_epoch)
-        for batch in run_log.progress(loader, total=min(len(loader), max_steps - step),
-                                      desc=f"T={config.frames} epoch {epoch + 1}/{epochs}"):
-            run_log.batch(batch)
-            values, record = train_step(ddp, optimizer, scheduler, batch, device, step)
-            step += 1
-            if profiler is not None:
-                profiler.step()
-            run_log.step(step, values, clips=batch_size, lr=scheduler.get_last_lr()[0],
-                         edges=edges, record=record)
-            if step >= max_steps:
-                break
-        run_log.bar.close()
-        if step >= (epoch + 1) * steps_per_epoch:
-            epoch += 1
-        if rank == 0:
-            save_checkpoint(stage_dir / "last.pt", training_state(
-                model, optimizer, scheduler, step=step, epoch=epoch, config=config, run=run))
+    saved_step = stopped = None
+    with StopRequest(checkpoint_path) as stop:
+        while epoch < epochs and step < max_steps and not stopped:
+            # a resumed epoch skips the batches it has seen; the items carry the epoch
+            sampler.set_epoch(epoch, skip_batches=step - epoch * steps_per_epoch)
+            for batch in run_log.progress(loader, total=min(len(loader), max_steps - step),
+                                          desc=f"T={config.frames} epoch {epoch + 1}/{epochs}"):
+                run_log.batch(batch)
+                values, record = train_step(ddp, optimizer, scheduler, batch, device, step)
+                step += 1
+                if profiler is not None:
+                    profiler.step()
+                run_log.step(step, values, clips=batch_size, lr=scheduler.get_last_lr()[0],
+                             edges=edges, record=record)
+                end_of_epoch = step == (epoch + 1) * steps_per_epoch
+                epoch += end_of_epoch  # the epoch's last batch: a resume starts the next one
+                stopped = stop.agreed(world, device)
+                if rank == 0 and (stopped or end_of_epoch or step >= max_steps
+                                  or step % save_every == 0):
+                    saved_step = save("stopping" if stopped else "periodic")
+                if stopped or step >= max_steps:
+                    break
+            run_log.bar.close()
 
     if profiler is not None:
         profiler.stop()
@@ -605,35 +749,64 @@ def train(args):
                   steps_per_epoch=steps_per_epoch)
     if world > 1:
         dist.destroy_process_group()
-    return {"checkpoint": stage_dir / "last.pt", "losses": run_log.losses, "step": step,
+    if stopped:
+        run_log.line(f"{stop.name}: stopped after step {step} of {max_steps} with the checkpoint "
+                     f"{checkpoint_path}; continue with: "
+                     f"{resume_command(argv, checkpoint_path)}")
+    return {"checkpoint": checkpoint_path, "losses": run_log.losses, "step": step,
+            "stopped": stop.signum,
             "test_data": test_ann, "video_root": video_root, "task": args.task,
             "answer_list": args.answer_list, "paragraph": args.paragraph}
 
 
 def evaluate_stage(checkpoint_path, test_ann, video_root, device, task_args=()):
     """Zero-shot retrieval on the test split, by eval.py in its own process; saved beside the
-    checkpoint. A quick check: VTM re-scores the top 16 of each query (`python eval.py`: 128)."""
+    checkpoint. A quick check: VTM re-scores the top 16 of each query (`python eval.py`: 128).
+    A failed evaluation stops with one line (eval.py's last) and keeps the checkpoint."""
     output = Path(checkpoint_path).with_name("qa.json" if "qa" in task_args else "retrieval.json")
     command = [sys.executable, str(Path(__file__).with_name("eval.py")), "--checkpoint",
-               str(checkpoint_path), "--output", str(output), "--k", "16", *task_args]
-    if test_ann:
-        command += ["--data", str(test_ann), "--video-root", str(video_root)]
+               str(checkpoint_path), "--output", str(output), "--k", "16", *task_args,
+               "--data", str(test_ann), "--video-root", str(video_root)]
     if device:
         command += ["--device", device]
-    subprocess.run(command, check=True)
+    result = subprocess.run(command, stderr=subprocess.PIPE, text=True)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    if result.returncode != 0:
+        reason = lines[-1].strip() if lines else f"exit status {result.returncode}"
+        raise SystemExit(f"the end-of-stage evaluation failed ({reason}); the checkpoint "
+                         f"{checkpoint_path} is kept: evaluate it with python eval.py "
+                         f"--checkpoint {checkpoint_path}")
+    sys.stderr.write(result.stderr)
     return json.loads(output.read_text())
 
 
 def main(argv=None):
+    """Train one stage, then evaluate it when there is a test split; -> the run's result.
+
+    User errors (flags, files, annotations) stop with one line and a non-zero exit; a run stopped
+    by SIGTERM or SIGINT exits with 128 + the signal's number after writing its checkpoint."""
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
-    result = train(args)
-    if int(os.environ.get("RANK", "0")) == 0 and not args.no_eval and result["checkpoint"].exists():
-        task_args = {"pretrain": [], "retrieval": ["--paragraph"] if args.paragraph else [],
-                     "qa": ["--task", "qa", "--k", "128"]
-                     + (["--answer-list", str(result["answer_list"])]
-                        if result["answer_list"] else [])}[args.task]
-        result["evaluation"] = evaluate_stage(result["checkpoint"], result["test_data"],
-                                              result["video_root"], args.device, task_args)
+    try:
+        check_args(args)
+        result = train(args, argv)
+    except data.AnnotationError as error:
+        raise SystemExit(str(error)) from None
+    if result["stopped"]:
+        raise SystemExit(128 + result["stopped"])
+    if int(os.environ.get("RANK", "0")) != 0 or args.no_eval or not result["checkpoint"].exists():
+        return result
+    if not result["test_data"]:
+        log.info(f"no test split (--test-data): the end-of-stage evaluation is skipped; evaluate "
+                 f"with python eval.py --checkpoint {result['checkpoint']} --data TEST.json "
+                 f"--video-root DIR")
+        return result
+    task_args = {"pretrain": [], "retrieval": ["--paragraph"] if args.paragraph else [],
+                 "qa": ["--task", "qa", "--k", "128"]
+                 + (["--answer-list", str(result["answer_list"])]
+                    if result["answer_list"] else [])}[args.task]
+    result["evaluation"] = evaluate_stage(result["checkpoint"], result["test_data"],
+                                          result["video_root"], args.device, task_args)
     return result
 
 
