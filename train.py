@@ -17,8 +17,11 @@ stage's sparsity and hyper-parameters and a fresh optimizer and schedule.
 
 Checkpoints (`checkpoint.py`) are dicts of model, optimizer, scheduler, step, epoch, rng, config
 and run (plain Python types, so `torch.load(weights_only=True)` reads them), written atomically as
-`<output-dir>/frames<T>/last.pt` after every epoch. TensorBoard logs sit beside them
-(`tensorboard --logdir checkpoints`); --profile adds a trace for TensorBoard's profiler plugin.
+`<output-dir>/frames<T>/last.pt` every --save-every steps and after every epoch, the one before
+kept as `prev.pt`. SIGTERM or Ctrl-C ends the current step, writes the checkpoint and stops with
+the command that resumes; a second signal stops at once. TensorBoard logs sit beside the
+checkpoints (`tensorboard --logdir checkpoints`); --profile adds a trace for TensorBoard's
+profiler plugin.
 """
 import argparse
 import json
