@@ -9,8 +9,8 @@
     python eval.py --sweep keep-rate-v               # recall against q_v, drawn as a PNG (Fig. 5)
     python eval.py --visualize pictures/             # kept patches of a few clips (Figs. 6, 8)
     python eval.py --cost [--preset base]            # Table 2's cost: runs benchmarks/cost.py
-    python eval.py --index VIDEO_DIR --output index.pt    # VTC features of one's own videos (search.py)
-    python eval.py --search "a dog runs" --index index.pt # text search of an index, VTM re-rank of the top k
+    python eval.py --index VIDEO_DIR --output index.pt    # VTC features of one's own videos
+    python eval.py --search "a dog runs" --index index.pt # text search, VTM re-rank of the top k
     python eval.py --embed-text captions.txt --output captions.pt  # VTC features of captions
     python eval.py --task qa [--shuffle-frames]      # video QA accuracy (Table 6; finetune.py)
     python eval.py --paragraph --data didemo_test.json --video-root ...   # paragraph retrieval
@@ -82,8 +82,9 @@ def parse_args(argv=None):
                    help="seed of the random attention blocks and of --shuffle-frames")
     p.add_argument("--device", default=None)
     p.add_argument("--index", default=None, metavar="PATH",
-                   help="index the videos of a folder (recursively), an annotation JSON or one video into "
-                        "--output (default index.pt), keeping what it already holds; with --search: the index")
+                   help="index the videos of a folder (recursively), an annotation JSON or one "
+                        "video into --output (default index.pt), keeping what it already holds; "
+                        "with --search: the index")
     p.add_argument("--search", default=None, metavar="QUERY", help="search --index for this text")
     p.add_argument("--top", type=int, default=10, help="results --search prints")
     p.add_argument("--embed-text", default=None, metavar="FILE",
@@ -455,7 +456,8 @@ def search_command(args, device):
     try:
         if args.search is not None:
             if not args.index:
-                raise SystemExit("--search needs --index INDEX.pt, made by `python eval.py --index VIDEO_DIR`")
+                raise SystemExit("--search needs --index INDEX.pt, made by "
+                                 "`python eval.py --index VIDEO_DIR`")
             index = search.load_features(args.index, "video_index")
             recorded = index["checkpoint"]
             if not (args.checkpoint or recorded):
@@ -463,30 +465,36 @@ def search_command(args, device):
             checkpoint = Path(args.checkpoint or recorded)
             if recorded and checkpoint.resolve() != Path(recorded).resolve():
                 raise SystemExit(f"{args.index} holds features of {recorded}, not of {checkpoint}")
-            if recorded and checkpoint.exists() and checkpoint.stat().st_mtime_ns != index["checkpoint_mtime"]:
-                print(f"warning: {checkpoint} changed after {args.index} was made; run --index again")
+            if (recorded and checkpoint.exists()
+                    and checkpoint.stat().st_mtime_ns != index["checkpoint_mtime"]):
+                print(f"warning: {checkpoint} changed after {args.index} was made; "
+                      "run --index again")
             model, config, _ = load_model(checkpoint, device, **search.model_overrides(index))
             tokenizer = data.default_tokenizer(text_model_path(config.text_model))
             start = time.perf_counter()
-            results = search.search(model, index, args.search, args.k, tokenizer=tokenizer, top=args.top,
-                                    batch_size=args.batch_size)
+            results = search.search(model, index, args.search, args.k, tokenizer=tokenizer,
+                                    top=args.top, batch_size=args.batch_size)
             seconds = time.perf_counter() - start
             print(search.format_results(results))
-            print(f"searched {len(index['paths'])} videos in {seconds:.3f} s (VTC, then VTM on the top {args.k})")
-            result = {"query": args.search, "index": str(args.index), "checkpoint": str(checkpoint), "k": args.k,
-                      "seconds": seconds, "results": results}
+            print(f"searched {len(index['paths'])} videos in {seconds:.3f} s "
+                  f"(VTC, then VTM on the top {args.k})")
+            result = {"query": args.search, "index": str(args.index),
+                      "checkpoint": str(checkpoint), "k": args.k, "seconds": seconds,
+                      "results": results}
             if args.visualize:
-                result["picture"] = search.contact_sheet(
-                    results, Path(args.visualize) / search.sheet_name(args.search), frames=config.frames)
+                sheet = Path(args.visualize) / search.sheet_name(args.search)
+                result["picture"] = search.contact_sheet(results, sheet, frames=config.frames)
                 print(f"wrote {result['picture']}")
             if args.output:
                 Path(args.output).parent.mkdir(parents=True, exist_ok=True)
                 Path(args.output).write_text(json.dumps(result, indent=2))
                 print(f"wrote {args.output}")
             return result
-        checkpoint = Path(args.checkpoint) if args.checkpoint else latest_checkpoint(args.checkpoints_dir)
+        checkpoint = (Path(args.checkpoint) if args.checkpoint
+                      else latest_checkpoint(args.checkpoints_dir))
         model, config, _ = load_model(checkpoint, device, keep_rate_v=args.keep_rate_v,
-                                      keep_rate_m=args.keep_rate_m, blocks=args.blocks, dense=args.dense)
+                                      keep_rate_m=args.keep_rate_m, blocks=args.blocks,
+                                      dense=args.dense)
         if args.embed_text:
             tokenizer = data.default_tokenizer(text_model_path(config.text_model))
             features = search.embed_texts(model, tokenizer, search.read_captions(args.embed_text),

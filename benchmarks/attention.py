@@ -8,16 +8,17 @@ process) and the bytes autograd saves for backward (counted with saved-tensor ho
 
     python benchmarks/attention.py                      # CPU, float32, T = 4 8 16 32
     python benchmarks/attention.py --device cuda --dtype bfloat16
-    python benchmarks/attention.py --frames 16 --profile runs/attention   # + operator table and trace
-    python benchmarks/attention.py --device cuda --dtype bfloat16 --impl flex  # FlexAttention (CUDA)
+    python benchmarks/attention.py --frames 16 --profile runs/attention  # + operators, trace
+    python benchmarks/attention.py --device cuda --dtype bfloat16 --impl flex  # FlexAttention
 
 `--impl flex` runs the same edges through FlexAttention (`flex_sparse_attention` below), a
 candidate to measure against the gather path on a GPU; its backward has no CPU kernel.
 
 Each T runs in a fresh Python process with the allocator's default settings, as a project that
-copies `sparse_attention.py` would run it, and the header prints the allocator. `--keep-freed-memory`
-measures instead under glibc's mallopt(M_MMAP_MAX=0, M_TRIM_THRESHOLD=1 GB), which keeps freed
-memory in the process rather than returning it to the OS (and page-faulting it in again).
+copies `sparse_attention.py` would run it, and the header prints the allocator.
+`--keep-freed-memory` measures instead under glibc's mallopt(M_MMAP_MAX=0, M_TRIM_THRESHOLD=1 GB),
+which keeps freed memory in the process rather than returning it to the OS (and page-faulting it
+in again).
 """
 import argparse
 import ctypes
@@ -61,7 +62,8 @@ def flex_block_mask(num_regional, block_size, layout, tile=64):
 
     def mask_mod(b, h, q_idx, kv_idx):  # keys: real tokens only
         block, offset = kv_idx // P, kv_idx % P
-        return torch.where(block == num_blocks, offset == 0, (offset < G) & (block * G + offset < N))
+        return torch.where(block == num_blocks, offset == 0,
+                           (offset < G) & (block * G + offset < N))
 
     length = (num_blocks + 1) * P
     mask = BlockMask.from_kv_blocks(kv_num_blocks[None, None], kv_indices[None, None], BLOCK_SIZE=P,
@@ -132,18 +134,22 @@ def measure(fns, device, repeats, grad=None):
     return [statistics.median(t) for t in times]
 
 
-def inputs(frames, heads, dim, block_size, local_blocks, random_blocks, device="cpu", dtype=torch.float32):
+def inputs(frames, heads, dim, block_size, local_blocks, random_blocks, device="cpu",
+           dtype=torch.float32):
     """q, k, v (1, heads, N, dim) with N = 196 T + 1, a dense output gradient (as a loss above the
     attention gives) and a block layout."""
     N = 196 * frames + 1
     q, k, v = (torch.randn(1, heads, N, dim, device=device, dtype=dtype, requires_grad=True)
                for _ in range(3))
-    layout = block_layout(math.ceil((N - 1) / block_size), local_blocks, random_blocks, device=device)
+    layout = block_layout(math.ceil((N - 1) / block_size), local_blocks, random_blocks,
+                          device=device)
     return q, k, v, torch.randn_like(q), layout
 
 
-def run(frames, *, heads, dim, block_size, local_blocks, random_blocks, device, dtype, repeats, impl):
-    q, k, v, grad, layout = inputs(frames, heads, dim, block_size, local_blocks, random_blocks, device, dtype)
+def run(frames, *, heads, dim, block_size, local_blocks, random_blocks, device, dtype, repeats,
+        impl):
+    q, k, v, grad, layout = inputs(frames, heads, dim, block_size, local_blocks, random_blocks,
+                                   device, dtype)
     N = q.shape[2]
     def dense():
         return F.scaled_dot_product_attention(q, k, v)
@@ -178,13 +184,16 @@ def run(frames, *, heads, dim, block_size, local_blocks, random_blocks, device, 
 
 def peak_rss_child(args):
     """In a fresh process (--peak-child): one forward+backward, then print how far the resident
-    set rose above what it was before the call (Linux: VmHWM reset through /proc/self/clear_refs)."""
+    set rose above what it was before the call (Linux: VmHWM reset through
+    /proc/self/clear_refs)."""
     frames, which = args.peak_child
     local_blocks, random_blocks, block_size = args.blocks
-    q, k, v, grad, layout = inputs(int(frames), args.heads, args.dim, block_size, local_blocks, random_blocks)
+    q, k, v, grad, layout = inputs(int(frames), args.heads, args.dim, block_size, local_blocks,
+                                   random_blocks)
 
     def status(field):
-        line = next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith(field))
+        line = next(line for line in Path("/proc/self/status").read_text().splitlines()
+                    if line.startswith(field))
         return int(line.split()[1]) * 1024
     Path("/proc/self/clear_refs").write_text("5")  # peak resident set := current
     before = status("VmRSS:")
@@ -208,8 +217,10 @@ def allocator(device, keep_freed):
         return "PyTorch's CUDA caching allocator"
     name, version = platform.libc_ver()
     words = f"{name or 'libc'} {version} malloc".strip()
-    words += ", mallopt(M_MMAP_MAX=0, M_TRIM_THRESHOLD=1 GB)" if keep_freed else ", default settings"
-    env = [f"{k}={v}" for k, v in sorted(os.environ.items()) if k.startswith("MALLOC_") or k == "LD_PRELOAD"]
+    words += (", mallopt(M_MMAP_MAX=0, M_TRIM_THRESHOLD=1 GB)" if keep_freed
+              else ", default settings")
+    env = [f"{k}={v}" for k, v in sorted(os.environ.items())
+           if k.startswith("MALLOC_") or k == "LD_PRELOAD"]
     return words + (f"; environment {' '.join(env)}" if env else "")
 
 
@@ -223,29 +234,34 @@ def row_in_child(frames, argv):
 def cpu_peak(frames, which, argv, runs=3):
     """Peak memory of one CPU forward+backward above its inputs: the median over `runs` child
     processes."""
-    peaks = [int(subprocess.run([sys.executable, __file__, *argv, "--peak-child", str(frames), which],
-                                capture_output=True, text=True, check=True).stdout.split()[-1])
+    command = [sys.executable, __file__, *argv, "--peak-child", str(frames), which]
+    peaks = [int(subprocess.run(command, capture_output=True, text=True, check=True)
+                 .stdout.split()[-1])
              for _ in range(runs)]
     return statistics.median(peaks)
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--frames", type=int, nargs="+", default=[4, 8, 16, 32])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--heads", type=int, default=12)
     parser.add_argument("--dim", type=int, default=64)
-    parser.add_argument("--blocks", type=int, nargs=3, default=[1, 3, 56], metavar=("K_l", "K_r", "G"))
+    parser.add_argument("--blocks", type=int, nargs=3, default=[1, 3, 56],
+                        metavar=("K_l", "K_r", "G"))
     parser.add_argument("--impl", default="auto", choices=["auto", "bmm", "sdpa", "einsum", "flex"],
-                        help="sparse_attention's implementation (auto: bmm for CPU training, sdpa otherwise), "
-                             "or flex: FlexAttention (CUDA only)")
+                        help="sparse_attention's implementation (auto: bmm for CPU training, "
+                             "sdpa otherwise), or flex: FlexAttention (CUDA only)")
     parser.add_argument("--profile", metavar="DIR",
-                        help="also profile 3 sparse forward+backward calls at the largest T: print the "
-                             "operators by time and write a trace to DIR for TensorBoard's profiler plugin")
+                        help="also profile 3 sparse forward+backward calls at the largest T: print "
+                             "the operators by time and write a trace to DIR for TensorBoard's "
+                             "profiler plugin")
     parser.add_argument("--keep-freed-memory", action="store_true",
-                        help="glibc: mallopt(M_MMAP_MAX=0, M_TRIM_THRESHOLD=1 GB) in each timing process")
+                        help="glibc: mallopt(M_MMAP_MAX=0, M_TRIM_THRESHOLD=1 GB) in each timing "
+                             "process")
     parser.add_argument("--peak-child", nargs=2, metavar=("T", "WHICH"), help=argparse.SUPPRESS)
     parser.add_argument("--row-child", type=int, metavar="T", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -257,44 +273,53 @@ def main():
         if args.keep_freed_memory:
             keep_freed_memory()
         row = run(args.row_child, heads=args.heads, dim=args.dim, block_size=block_size,
-                  local_blocks=local_blocks, random_blocks=random_blocks, device=device, dtype=dtype,
-                  repeats=args.repeats, impl=args.impl)
+                  local_blocks=local_blocks, random_blocks=random_blocks, device=device,
+                  dtype=dtype, repeats=args.repeats, impl=args.impl)
         return print(json.dumps(row))
     if args.impl == "flex" and device.type != "cuda":
         parser.error("--impl flex needs --device cuda: FlexAttention has no backward on the CPU")
     # peak memory: the CUDA allocator's; on the CPU the rise of the resident set in a child process
     # (Linux) with the allocator's default settings, so that freed blocks leave the resident set
     cpu_peaks = device.type == "cpu" and Path("/proc/self/clear_refs").exists()
-    child_argv = ["--heads", str(args.heads), "--dim", str(args.dim), "--blocks", *map(str, args.blocks),
-                  "--impl", args.impl]
-    row_argv = [*child_argv, "--device", args.device, "--dtype", args.dtype, "--repeats", str(args.repeats)]
+    child_argv = ["--heads", str(args.heads), "--dim", str(args.dim),
+                  "--blocks", *map(str, args.blocks), "--impl", args.impl]
+    row_argv = [*child_argv, "--device", args.device, "--dtype", args.dtype,
+                "--repeats", str(args.repeats)]
     if args.keep_freed_memory:
         row_argv.append("--keep-freed-memory")
     print(f"device {device}, {args.dtype}, B=1 H={args.heads} D={args.dim}, "
-          f"(K_l, K_r, G) = {tuple(args.blocks)}, sparse impl {args.impl}, median of {args.repeats} runs")
+          f"(K_l, K_r, G) = {tuple(args.blocks)}, sparse impl {args.impl}, "
+          f"median of {args.repeats} runs")
     print(f"allocator: {allocator(device, args.keep_freed_memory)}; each T in a fresh process")
-    print(f"{'T':>3} {'N':>5} | {'fwd dense':>9} {'sparse':>8} {'x':>6} | {'f+b dense':>9} {'sparse':>8} "
-          f"{'x':>6} | {'limit':>5} | {'peak MB dense':>13} {'sparse':>7} | {'saved MB dense':>14} {'sparse':>7} "
+    print(f"{'T':>3} {'N':>5} | {'fwd dense':>9} {'sparse':>8} {'x':>6} | "
+          f"{'f+b dense':>9} {'sparse':>8} {'x':>6} | {'limit':>5} | "
+          f"{'peak MB dense':>13} {'sparse':>7} | {'saved MB dense':>14} {'sparse':>7} "
           f"{'KB/token':>8}")
     for frames in args.frames:
         r = row_in_child(frames, row_argv)
         if cpu_peaks:
-            r["dense_peak"], r["sparse_peak"] = (cpu_peak(frames, name, child_argv) for name in ("dense", "sparse"))
-        peaks = (f"{r['dense_peak'] / 2**20:>13.1f} {r['sparse_peak'] / 2**20:>7.1f}" if "dense_peak" in r
-                 else f"{'-':>13} {'-':>7}")
-        print(f"{r['T']:>3} {r['N']:>5} | {r['dense_fwd'] * 1e3:>7.1f}ms {r['sparse_fwd'] * 1e3:>6.1f}ms "
+            r["dense_peak"], r["sparse_peak"] = (cpu_peak(frames, name, child_argv)
+                                                 for name in ("dense", "sparse"))
+        peaks = (f"{r['dense_peak'] / 2**20:>13.1f} {r['sparse_peak'] / 2**20:>7.1f}"
+                 if "dense_peak" in r else f"{'-':>13} {'-':>7}")
+        print(f"{r['T']:>3} {r['N']:>5} | "
+              f"{r['dense_fwd'] * 1e3:>7.1f}ms {r['sparse_fwd'] * 1e3:>6.1f}ms "
               f"{r['dense_fwd'] / r['sparse_fwd']:>5.1f}x | {r['dense_fb'] * 1e3:>7.1f}ms "
-              f"{r['sparse_fb'] * 1e3:>6.1f}ms {r['dense_fb'] / r['sparse_fb']:>5.1f}x | {r['limit']:>5.1f} | "
+              f"{r['sparse_fb'] * 1e3:>6.1f}ms {r['dense_fb'] / r['sparse_fb']:>5.1f}x | "
+              f"{r['limit']:>5.1f} | "
               f"{peaks} | {r['dense_saved'] / 2**20:>14.1f} {r['sparse_saved'] / 2**20:>7.1f} "
               f"{r['sparse_saved'] / r['N'] / 2**10:>8.1f}")
     if args.profile:
-        profile(max(args.frames), args.profile, heads=args.heads, dim=args.dim, block_size=block_size,
-                local_blocks=local_blocks, random_blocks=random_blocks, device=device, dtype=dtype, impl=args.impl)
+        profile(max(args.frames), args.profile, heads=args.heads, dim=args.dim,
+                block_size=block_size, local_blocks=local_blocks, random_blocks=random_blocks,
+                device=device, dtype=dtype, impl=args.impl)
 
 
-def profile(frames, trace_dir, *, heads, dim, block_size, local_blocks, random_blocks, device, dtype, impl):
+def profile(frames, trace_dir, *, heads, dim, block_size, local_blocks, random_blocks, device,
+            dtype, impl):
     """Where the sparse attention's time goes: torch.profiler over 3 forward+backward calls."""
-    q, k, v, grad, layout = inputs(frames, heads, dim, block_size, local_blocks, random_blocks, device, dtype)
+    q, k, v, grad, layout = inputs(frames, heads, dim, block_size, local_blocks, random_blocks,
+                                   device, dtype)
 
     def step():
         sparse_attention(q, k, v, block_size, layout, impl=impl)[0].backward(grad)
@@ -302,8 +327,8 @@ def profile(frames, trace_dir, *, heads, dim, block_size, local_blocks, random_b
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
-    with torch.profiler.profile(activities=activities,
-                                on_trace_ready=torch.profiler.tensorboard_trace_handler(trace_dir)) as prof:
+    on_trace_ready = torch.profiler.tensorboard_trace_handler(trace_dir)
+    with torch.profiler.profile(activities=activities, on_trace_ready=on_trace_ready) as prof:
         for _ in range(3):
             step()
             sync(device)

@@ -30,6 +30,7 @@ import data  # noqa: E402
 import search  # noqa: E402
 from model import SViTT, SViTTConfig  # noqa: E402
 from pretrained import text_model_path  # noqa: E402
+from synthetic import ensure_synthetic  # noqa: E402
 
 
 def load(checkpoint):
@@ -83,7 +84,7 @@ def main(argv=None):
     elif run.get("test_data"):
         annotation, video_root = run["test_data"], run["video_root"]
     else:  # trained on the synthetic data
-        paths = data.ensure_synthetic()
+        paths = ensure_synthetic()
         annotation, video_root = paths["test"], paths["video_root"]
     tokenizer = data.default_tokenizer(text_model_path(model.config.text_model))
     dataset = data.VideoTextDataset(annotation, video_root, frames=model.config.frames,

@@ -42,12 +42,14 @@ def dense_reference(q, k, v, mask, bias=None):
 ])
 @pytest.mark.parametrize("impl", ["einsum", "sdpa", "bmm"])
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_sparse_equals_masked_dense(num_tokens, block_size, local_blocks, random_blocks, impl, with_bias):
+def test_sparse_equals_masked_dense(num_tokens, block_size, local_blocks, random_blocks, impl,
+                                    with_bias):
     g = torch.Generator().manual_seed(1)
     layout = block_layout(math.ceil(num_tokens / block_size), local_blocks, random_blocks, g)
     mask = attention_mask(num_tokens, block_size, layout)
     bias = relative_bias(3) if with_bias else None
-    q, k, v = (torch.randn(2, 3, 1 + num_tokens, 8, dtype=torch.float64, generator=g, requires_grad=True)
+    q, k, v = (torch.randn(2, 3, 1 + num_tokens, 8, dtype=torch.float64, generator=g,
+                           requires_grad=True)
                for _ in range(3))
     out, cls_attn = sparse_attention(q, k, v, block_size, layout, bias, impl=impl)
     ref, ref_cls = dense_reference(q, k, v, mask, bias)
@@ -74,7 +76,8 @@ def test_gradients_of_bias_and_class_attention(impl, num_tokens, per_item_bias):
 
     def bias(query_pos, key_pos):  # (B or 1, H, ...)
         return table[:, :, (key_pos - query_pos).clamp(-64, 64) + 64]
-    q, k, v = (torch.randn(B, H, 1 + num_tokens, 8, dtype=torch.float64, generator=g, requires_grad=True)
+    q, k, v = (torch.randn(B, H, 1 + num_tokens, 8, dtype=torch.float64, generator=g,
+                           requires_grad=True)
                for _ in range(3))
     w, w_cls = torch.randn(B, H, 1 + num_tokens, 8, generator=g, dtype=torch.float64), torch.randn(
         B, H, num_tokens, generator=g, dtype=torch.float64)
@@ -93,9 +96,11 @@ def test_impls_agree_on_strided_inputs():
     results = []
     for impl in ("einsum", "bmm"):
         torch.manual_seed(1)
-        attn = SparseSelfAttention(dim=24, num_heads=3, block_size=8, local_blocks=1, random_blocks=2, impl=impl)
+        attn = SparseSelfAttention(dim=24, num_heads=3, block_size=8, local_blocks=1,
+                                   random_blocks=2, impl=impl)
         out, cls_attn = attn(x, generator=torch.Generator().manual_seed(3))
-        grad_x, grad_w = torch.autograd.grad(out.square().sum() + cls_attn.sum(), (x, attn.qkv.weight))
+        grad_x, grad_w = torch.autograd.grad(out.square().sum() + cls_attn.sum(),
+                                             (x, attn.qkv.weight))
         results.append((out, cls_attn, grad_x, grad_w))
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
@@ -122,11 +127,13 @@ def test_layout_with_few_blocks_lists_every_block_once():
     assert all(sorted(row) == [0, 1, 2] and row[0] == k for k, row in enumerate(layout.tolist()))
 
 
-@pytest.mark.parametrize("num_tokens,block_size,local_blocks,random_blocks", [(784, 56, 1, 3), (48, 4, 3, 2)])
+@pytest.mark.parametrize("num_tokens,block_size,local_blocks,random_blocks",
+                         [(784, 56, 1, 3), (48, 4, 3, 2)])
 def test_mask_edges_follow_eq17(num_tokens, block_size, local_blocks, random_blocks):
     layout = block_layout(num_tokens // block_size, local_blocks, random_blocks)
     mask = attention_mask(num_tokens, block_size, layout)
-    regional = num_tokens * (local_blocks + random_blocks) * block_size  # Eq. 17 without the class token
+    # Eq. 17 without the class token
+    regional = num_tokens * (local_blocks + random_blocks) * block_size
     assert int(mask.sum()) == regional + 2 * num_tokens + 1  # plus the class token's row and column
     assert edge_count(1 + num_tokens, block_size, layout.shape[1]) == (1 + num_tokens) * (
         local_blocks + random_blocks) * block_size
@@ -189,8 +196,10 @@ def test_auto_trains_with_bmm_and_infers_with_sdpa(monkeypatch):
     import sparse_attention as module
     calls = []
     apply, sdpa = module._BlockSparseAttention.apply, module.F.scaled_dot_product_attention
-    monkeypatch.setattr(module._BlockSparseAttention, "apply", lambda *a: calls.append("bmm") or apply(*a))
-    monkeypatch.setattr(module.F, "scaled_dot_product_attention", lambda *a, **k: calls.append("sdpa") or sdpa(*a, **k))
+    monkeypatch.setattr(module._BlockSparseAttention, "apply",
+                        lambda *a: calls.append("bmm") or apply(*a))
+    monkeypatch.setattr(module.F, "scaled_dot_product_attention",
+                        lambda *a, **k: calls.append("sdpa") or sdpa(*a, **k))
     q, k, v = (torch.randn(1, 2, 1 + 16, 8, requires_grad=True) for _ in range(3))
     layout = block_layout(4, 1, 2)
     sparse_attention(q, k, v, 4, layout)

@@ -160,7 +160,7 @@ def test_loader_masks_at_the_configs_rate(clips):
     for rate in (0.15, 0.5):
         config = replace(preset("tiny"), mlm_probability=rate)
         loader, _, _ = train.make_loader(dataset, config, per_rank=8, world=1, rank=0, seed=0,
-                                         workers=0, device=torch.device("cpu"))
+                                         workers=0, device=torch.device("cpu"), task="pretrain")
         assert loader.collate_fn.mlm_probability == rate
 
 
