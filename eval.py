@@ -31,6 +31,7 @@ import torch
 
 import curriculum
 import data
+import downstream_data
 import finetune
 import qa
 from checkpoint import latest_checkpoint, load_checkpoint, load_model_state
@@ -155,8 +156,8 @@ def evaluate_qa_checkpoint(args, checkpoint, device, overrides):
     answer_list = args.answer_list or run.get("answer_list")
     if not answer_list:
         raise SystemExit("QA evaluation needs --answer-list (a JSON list of answers)")
-    answers = data.load_answer_list(answer_list)
-    dataset = data.VideoQADataset(annotation, video_root, answer_list=answers,
+    answers = downstream_data.load_answer_list(answer_list)
+    dataset = downstream_data.VideoQADataset(annotation, video_root, answer_list=answers,
                                   frames=config.frames, image_size=config.image_size, train=False,
                                   mean=config.image_mean, std=config.image_std)
     tokenizer = data.default_tokenizer(text_model_path(config.text_model))
@@ -273,10 +274,10 @@ def retrieval_metrics(t2v, v2t, text_video):
     """R@1/5/10 and mean, in percent, from score matrices (texts, videos).
 
     text_video: the video of each caption (texts,), or a bool ground-truth matrix (texts, videos)
-    when a caption has several right videos (data.RetrievalDataset). Text-to-video: a caption's
-    rank is the number of wrong videos scoring at least its best-scored right video (a tie counts
-    against it). Video-to-text: a video's rank is that of its best caption, counting the other
-    captions that score at least as high."""
+    when a caption has several right videos (downstream_data.RetrievalDataset). Text-to-video:
+    a caption's rank is the number of wrong videos scoring at least its best-scored right video
+    (a tie counts against it). Video-to-text: a video's rank is that of its best caption, counting
+    the other captions that score at least as high."""
     if text_video.dim() == 1:
         gt = torch.zeros(t2v.shape, dtype=torch.bool)
         gt[torch.arange(len(text_video)), text_video] = True
@@ -349,7 +350,7 @@ def evaluate(model, dataset, tokenizer, device, *, k, batch_size, workers, seed,
                     seed=seed, frame_order=frame_order)
     sim = feats["text_feat"] @ feats["video_feat"].T  # (texts, videos), VTC (Eq. 29)
     t2v, v2t = rerank(model, feats, sim, k, device)
-    truth = (dataset.ground_truth_matrix() if isinstance(dataset, data.RetrievalDataset)
+    truth = (dataset.ground_truth_matrix() if isinstance(dataset, downstream_data.RetrievalDataset)
              else feats["text_video"])  # several right videos per caption (SSv2 templates)
     results = {"vtc": retrieval_metrics(sim, sim, truth), "vtm": retrieval_metrics(t2v, v2t, truth)}
     pairs = group_pairs(feats["text_video"], dataset.video_groups)
@@ -536,7 +537,7 @@ def main(argv=None):
     model, config, run = load_model(checkpoint, device, **overrides)
     annotation, video_root = test_split(args, run)
     paragraph = args.paragraph or run.get("paragraph", False)
-    dataset = data.RetrievalDataset(annotation, video_root, paragraph=paragraph,
+    dataset = downstream_data.RetrievalDataset(annotation, video_root, paragraph=paragraph,
                                     frames=config.frames, image_size=config.image_size,
                                     train=False, mean=config.image_mean, std=config.image_std)
     if paragraph:  # paragraphs are longer than captions (Table 9: 64 tokens for DiDeMo)

@@ -15,6 +15,7 @@ from dataclasses import replace
 
 import curriculum
 import data
+import downstream_data
 import synthetic
 from checkpoint import load_model_state
 from curriculum import Stage
@@ -108,14 +109,15 @@ def default_data(task: str) -> dict:
 
 def task_dataset(task, annotation, video_root, config, *, train, seed=0, paragraph=False,
                  answer_list=None):
-    """The dataset of a fine-tuning task (data.RetrievalDataset or data.VideoQADataset)."""
+    """The dataset of a fine-tuning task (downstream_data.RetrievalDataset or
+    downstream_data.VideoQADataset)."""
     common = {"frames": config.frames, "image_size": config.image_size, "train": train,
               "seed": seed, "mean": config.image_mean, "std": config.image_std,
               "flip": train and config.horizontal_flip}
     if task == "qa":
-        answers = data.load_answer_list(answer_list) if answer_list else None
-        return data.VideoQADataset(annotation, video_root, answer_list=answers, **common)
-    return data.RetrievalDataset(annotation, video_root, paragraph=paragraph, **common)
+        answers = downstream_data.load_answer_list(answer_list) if answer_list else None
+        return downstream_data.VideoQADataset(annotation, video_root, answer_list=answers, **common)
+    return downstream_data.RetrievalDataset(annotation, video_root, paragraph=paragraph, **common)
 
 
 class RetrievalCollate(data.VideoTextCollate):
@@ -131,7 +133,8 @@ class RetrievalCollate(data.VideoTextCollate):
 def task_collate(task, tokenizer, config, seed):
     """The DataLoader collate_fn of a task's batches."""
     if task == "qa":
-        return data.QACollate(tokenizer, question_len=QUESTION_LEN, answer_len=ANSWER_LEN)
+        return downstream_data.QACollate(tokenizer, question_len=QUESTION_LEN,
+                                         answer_len=ANSWER_LEN)
     if task == "retrieval":
         return RetrievalCollate(tokenizer, text_len=config.text_len, mlm_probability=0.0,
                                 seed=seed)

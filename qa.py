@@ -14,12 +14,12 @@ The model follows Singularity's and the authors' QA model:
   and MLM head, which it shares with the encoders;
 * training loss: the decoder's language-model loss, the negative log-likelihood of each answer
   summed over its tokens, weighted by the answer's share of the question's answers (1/n each, see
-  `data.answer_weights`) and averaged over questions;
+  `downstream_data.answer_weights`) and averaged over questions;
 * evaluation ranks the fixed answer list: the k answers whose first token is most probable, then
   those k by the whole answer's likelihood (`rank_answers`); the metric is exact-match accuracy.
 
     model = SViTTQA(config)                  # or SViTTQA.from_pretraining(checkpoint, config)
-    out = model(batch)                       # batch from data.QACollate; out["loss"].backward()
+    out = model(batch)                       # a QACollate batch; out["loss"].backward()
     prediction = rank_answers(model, states, mask, answer_ids, answer_mask, k=128)
 """
 import torch
@@ -108,9 +108,9 @@ class SViTTQA(SViTT):
         return (token_ll * answer_mask[:, 1:].to(token_ll.dtype)).sum(1)
 
     def forward(self, batch, generator=None):
-        """batch from data.QACollate -> {"loss", "loss_qa", "record"}. Loss: the answers' negative
-        log-likelihood weighted by answer_weight (1/n per answer), summed per question and
-        averaged over the questions."""
+        """batch from downstream_data.QACollate -> {"loss", "loss_qa", "record"}. Loss: the
+        answers' negative log-likelihood weighted by answer_weight (1/n per answer), summed per
+        question and averaged over the questions."""
         record = {"visual_tokens": [], "visual": [], "multimodal_tokens": [], "multimodal": []}
         states = self.encode_question(batch["video"], batch["question_ids"],
                                       batch["question_mask"], generator, record)
@@ -155,8 +155,8 @@ def evaluate_qa(model, loader, answer_list, tokenizer, device, *, k=128, answer_
                 shuffle=None, generator=None):
     """Exact-match accuracy (percent), overall and per question type, and the predictions.
 
-    loader yields data.QACollate batches; `shuffle(video, first_index)` may reorder frames
-    (temporal probing, Table 14). A question is right when the predicted answer is one of its
+    loader yields downstream_data.QACollate batches; `shuffle(video, first_index)` may reorder
+    frames (temporal probing, Table 14). A question is right when the predicted answer is one of its
     answers (after cleaning); questions whose answers are outside the list are always wrong.
     """
     tokens = data.tokenize_captions(tokenizer, answer_list, answer_len)

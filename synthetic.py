@@ -49,6 +49,7 @@ import av
 import numpy as np
 
 import data
+import downstream_data
 
 logger = logging.getLogger(__name__)
 
@@ -451,8 +452,8 @@ def main(argv=None):
     data.demo(paths["test"], paths["video_root"])
     qa = ensure_synthetic_qa(args.out, seed=args.seed, num_train=args.num_train,
                              num_test=args.num_test)
-    baseline = data.majority_baseline(data.load_qa_annotation(qa["train"]),
-                                      data.load_qa_annotation(qa["test"]))
+    baseline = downstream_data.majority_baseline(downstream_data.load_qa_annotation(qa["train"]),
+                                      downstream_data.load_qa_annotation(qa["test"]))
     print(f"QA: {qa['train']}, {qa['test']}, answers {qa['answer_list']}; the most frequent "
           f"answer of each question type scores {baseline['overall']:.1f}% on the test questions ("
           + ", ".join(f"{kind} {acc:.1f}%" for kind, acc in baseline["per_type"].items()) + ")")

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-import data
+import downstream_data
 import eval as evaluation
 import synthetic
 
@@ -24,7 +24,8 @@ def dataset(tmp_path, entries, **kwargs):
     path.write_text(json.dumps(entries))
     write_videos(tmp_path / "videos", sorted({e["video"] for e in entries}))
     kwargs.setdefault("train", False)
-    return data.RetrievalDataset(path, tmp_path / "videos", frames=2, image_size=16, **kwargs)
+    return downstream_data.RetrievalDataset(path, tmp_path / "videos", frames=2, image_size=16,
+                                            **kwargs)
 
 
 def test_string_and_list_captions(tmp_path):
