@@ -23,7 +23,6 @@ seeded generator so a score can be reproduced.
 """
 import argparse
 import json
-import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -156,41 +155,15 @@ def evaluate_qa_checkpoint(args, checkpoint, device, overrides):
     answer_list = args.answer_list or run.get("answer_list")
     if not answer_list:
         raise SystemExit("QA evaluation needs --answer-list (a JSON list of answers)")
-    answers = downstream_data.load_answer_list(answer_list)
-    dataset = downstream_data.VideoQADataset(annotation, video_root, answer_list=answers,
-                                  frames=config.frames, image_size=config.image_size, train=False,
-                                  mean=config.image_mean, std=config.image_std)
-    tokenizer = data.default_tokenizer(text_model_path(config.text_model))
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_size=args.batch_size, num_workers=args.workers,
-        collate_fn=finetune.task_collate("qa", tokenizer, config, args.seed))
-
-    def run_once(shuffle=None):
-        generator = torch.Generator(device).manual_seed(args.seed)
-        return qa.evaluate_qa(model, loader, answers, tokenizer, device, k=args.k,
-                              answer_len=finetune.ANSWER_LEN, shuffle=shuffle,
-                              generator=generator)
 
     def shuffle(video, first):  # Table 14: the same clips with frames out of order
         return torch.stack([v[shuffled_order(v.shape[0], args.seed, first + i)]
                             for i, v in enumerate(video)])
 
-    result = {"checkpoint": str(checkpoint), "split": str(annotation), "task": "qa",
-              "questions": len(dataset), "answers": len(answers), "k": args.k,
-              "outside_list": dataset.outside_list, "normal": run_once()}
-    print(f"{checkpoint}: T={config.frames}, (q_v, q_m)=({config.keep_rate_v}, "
-          f"{config.keep_rate_m}); {annotation}: {len(dataset)} questions, {len(answers)} answers "
-          f"({dataset.outside_list} questions answered outside the list)")
-    rows = {"normal": result["normal"]}
-    if args.shuffle_frames:
-        rows["shuffled"] = result["shuffled"] = run_once(shuffle)
-        result["shuffle_difference"] = result["normal"]["accuracy"] - rows["shuffled"]["accuracy"]
-    kinds = sorted(result["normal"]["per_type"])
-    print(f"{'':10}{'accuracy':>10}" + "".join(f"{kind:>12}" for kind in kinds))
-    for name, row in rows.items():
-        print(f"{name:10}{row['accuracy']:>10.1f}"
-              + "".join(f"{row['per_type'][kind]:>12.1f}" for kind in kinds))
-    return result
+    return qa.evaluate_qa_split(model, config, checkpoint, annotation, video_root, answer_list,
+                                device, batch_size=args.batch_size, workers=args.workers,
+                                seed=args.seed, k=args.k,
+                                shuffle=shuffle if args.shuffle_frames else None)
 
 
 def shuffled_order(frames, seed, index):
@@ -450,75 +423,12 @@ def visualize(model, dataset, tokenizer, device, folder, *, count, seed):
 
 # --------------------------------------------------------------------------------------------
 
-def search_command(args, device):
-    """--index, --search and --embed-text: load the model and hand over to search.py."""
-    import search
-    tokenizer = None
-    try:
-        if args.search is not None:
-            if not args.index:
-                raise SystemExit("--search needs --index INDEX.pt, made by "
-                                 "`python eval.py --index VIDEO_DIR`")
-            index = search.load_features(args.index, "video_index")
-            recorded = index["checkpoint"]
-            if not (args.checkpoint or recorded):
-                raise SystemExit(f"{args.index} names no checkpoint: pass --checkpoint")
-            checkpoint = Path(args.checkpoint or recorded)
-            if recorded and checkpoint.resolve() != Path(recorded).resolve():
-                raise SystemExit(f"{args.index} holds features of {recorded}, not of {checkpoint}")
-            if (recorded and checkpoint.exists()
-                    and checkpoint.stat().st_mtime_ns != index["checkpoint_mtime"]):
-                print(f"warning: {checkpoint} changed after {args.index} was made; "
-                      "run --index again")
-            model, config, _ = load_model(checkpoint, device, **search.model_overrides(index))
-            tokenizer = data.default_tokenizer(text_model_path(config.text_model))
-            start = time.perf_counter()
-            results = search.search(model, index, args.search, args.k, tokenizer=tokenizer,
-                                    top=args.top, batch_size=args.batch_size)
-            seconds = time.perf_counter() - start
-            print(search.format_results(results))
-            print(f"searched {len(index['paths'])} videos in {seconds:.3f} s "
-                  f"(VTC, then VTM on the top {args.k})")
-            result = {"query": args.search, "index": str(args.index),
-                      "checkpoint": str(checkpoint), "k": args.k, "seconds": seconds,
-                      "results": results}
-            if args.visualize:
-                sheet = Path(args.visualize) / search.sheet_name(args.search)
-                result["picture"] = search.contact_sheet(results, sheet, frames=config.frames)
-                print(f"wrote {result['picture']}")
-            if args.output:
-                Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-                Path(args.output).write_text(json.dumps(result, indent=2))
-                print(f"wrote {args.output}")
-            return result
-        checkpoint = (Path(args.checkpoint) if args.checkpoint
-                      else latest_checkpoint(args.checkpoints_dir))
-        model, config, _ = load_model(checkpoint, device, keep_rate_v=args.keep_rate_v,
-                                      keep_rate_m=args.keep_rate_m, blocks=args.blocks,
-                                      dense=args.dense)
-        if args.embed_text:
-            tokenizer = data.default_tokenizer(text_model_path(config.text_model))
-            features = search.embed_texts(model, tokenizer, search.read_captions(args.embed_text),
-                                          checkpoint=checkpoint)
-            output = Path(args.output or Path(args.embed_text).with_suffix(".pt"))
-        else:
-            output = Path(args.output or "index.pt")
-            existing = search.load_features(output, "video_index") if output.exists() else None
-            features = search.index_videos(model, search.video_paths(args.index, args.video_root),
-                                           checkpoint=checkpoint, batch_size=args.batch_size,
-                                           workers=args.workers, seed=args.seed, existing=existing)
-        search.save_features(features, output)
-        print(f"wrote {output}")
-        return features
-    except (FileNotFoundError, ValueError) as error:  # a missing or malformed input file, named
-        raise SystemExit(str(error)) from None
-
-
 def main(argv=None):
     args = parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.index or args.search is not None or args.embed_text:
-        return search_command(args, device)
+        import search
+        return search.search_command(args, device, load_model)
     if args.cost:  # the cost table lives with the benchmarks
         from benchmarks import cost
         return cost.main(["--preset", args.preset, "--timing-preset", args.timing_preset,

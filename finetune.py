@@ -12,18 +12,17 @@ as its pre-training stages are. Checkpoints go to `<output-dir>/<task>_frames<T>
 resume with `--resume` like pre-training runs. train.py holds the loop; this file what differs.
 """
 from dataclasses import replace
+from pathlib import Path
 
 import curriculum
 import data
 import downstream_data
 import synthetic
-from checkpoint import load_model_state
+from checkpoint import latest_checkpoint, load_checkpoint, load_model_state
 from curriculum import Stage
-from model import SViTT
-from qa import SViTTQA
+from model import SViTT, SViTTConfig
+from qa import ANSWER_LEN, QUESTION_LEN, SViTTQA
 
-QUESTION_LEN = 25      # question tokens (Table 9, QA)
-ANSWER_LEN = 5         # answer tokens, [CLS] and [SEP] included (Table 9, QA)
 PARAGRAPH_TEXT_LEN = 64  # text tokens of paragraph retrieval (Table 9: 64 for DiDeMo)
 
 # Table 9, fine-tuning columns: no warm-up, weight decay 0.02; retrieval lr 1e-5 with the
@@ -162,3 +161,48 @@ def expand_if_needed(state, old_frames, frames, source):
     state, message = curriculum.expand(state, old_frames, frames)
     return state, message
 
+
+def stage_of(frames, preset, task="pretrain"):
+    """The pre-training (curriculum.py) or fine-tuning (py) stage of `frames` clips;
+    a frame count without one is a one-line error that lists those there are."""
+    if task == "pretrain":
+        table = curriculum.TINY_STAGES if preset == "tiny" else curriculum.STAGES
+    else:
+        table = (TINY_FINETUNE_STAGES if preset == "tiny"
+                 else FINETUNE_STAGES)[task]
+    if frames not in table:
+        kind = "" if task == "pretrain" else f"{task} "
+        raise SystemExit(f"--frames {frames}: no {kind}stage of {frames} frames for the {preset} "
+                         f"preset; stages exist for {', '.join(map(str, sorted(table)))}")
+    return table[frames]
+
+
+def build_finetune(args, log_line):
+    """build() of a fine-tuning run: a true resume of one (--resume), or a new one from the
+    pre-trained checkpoint --init with the task's stage (py)."""
+    cls = model_class(args.task)
+    if args.resume is not None:
+        path = (latest_checkpoint(args.output_dir, f"{args.task}_frames*/last.pt")
+                if args.resume == "latest" else Path(args.resume))
+        ckpt = load_checkpoint(path)
+        if ckpt["run"].get("task", "pretrain") != args.task:
+            raise SystemExit(f"--resume: {path} is a {ckpt['run'].get('task', 'pretrain')} run, "
+                             f"not {args.task}")
+        config = SViTTConfig.from_dict(ckpt["config"])
+        model = cls(config, pretrained=False)
+        load_model_state(model, ckpt["model"], path)
+        log_line(f"resume {path}: step {ckpt['step']}, epoch {ckpt['epoch']}")
+        return model, config, stage_of(config.frames, config.preset, args.task), ckpt, True
+    if args.init is None:
+        raise SystemExit(f"--task {args.task} needs --init CHECKPOINT (a pre-trained model), "
+                         f"or --resume")
+    ckpt = load_checkpoint(args.init, required=("model", "config"))
+    old = SViTTConfig.from_dict(ckpt["config"])
+    frames = args.frames or old.frames
+    stage = stage_of(frames, old.preset, args.task)
+    config = finetune_config(old, stage, paragraph=args.paragraph)
+    state, message = expand_if_needed(ckpt["model"], old.frames, frames, args.init)
+    model = cls(config, pretrained=False)
+    loaded = load_initial_state(model, state, args.init)
+    log_line(f"{args.task} fine-tuning from {message}; {loaded}")
+    return model, config, stage, None, False

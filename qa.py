@@ -28,10 +28,14 @@ from einops import rearrange
 from torch import nn
 
 import data
+import downstream_data
 from cpu_speedups import Dropout
 from model import BertAttention, SViTT, extended_mask
+from pretrained import text_model_path
 
 DECODER_LAYERS = 3  # the answer decoder's depth (Singularity, the authors' code)
+QUESTION_LEN = 25      # question tokens (Table 9, QA)
+ANSWER_LEN = 5         # answer tokens, [CLS] and [SEP] included (Table 9, QA)
 
 
 class DecoderBlock(nn.Module):
@@ -182,3 +186,42 @@ def evaluate_qa(model, loader, answer_list, tokenizer, device, *, k=128, answer_
                 for kind in sorted(set(kinds))}
     return {"accuracy": 100.0 * sum(right) / max(1, len(right)), "per_type": per_type,
             "questions": len(right), "predictions": predictions}
+
+
+def evaluate_qa_split(model, config, checkpoint, annotation, video_root, answer_list, device, *,
+                      batch_size, workers, seed, k=128, shuffle=None):
+    """`python eval.py --task qa`: accuracy of `model` on the QA test split `annotation`, printed
+    as a table; with `shuffle` (a frame reordering, see evaluate_qa) the same with frames out of
+    order (Table 14). -> the result that eval.py writes."""
+    answers = downstream_data.load_answer_list(answer_list)
+    dataset = downstream_data.VideoQADataset(annotation, video_root, answer_list=answers,
+                                             frames=config.frames, image_size=config.image_size,
+                                             train=False, mean=config.image_mean,
+                                             std=config.image_std)
+    tokenizer = data.default_tokenizer(text_model_path(config.text_model))
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, num_workers=workers,
+        collate_fn=downstream_data.QACollate(tokenizer, question_len=QUESTION_LEN,
+                                             answer_len=ANSWER_LEN))
+
+    def run_once(shuffle=None):
+        generator = torch.Generator(device).manual_seed(seed)
+        return evaluate_qa(model, loader, answers, tokenizer, device, k=k,
+                           answer_len=ANSWER_LEN, shuffle=shuffle, generator=generator)
+
+    result = {"checkpoint": str(checkpoint), "split": str(annotation), "task": "qa",
+              "questions": len(dataset), "answers": len(answers), "k": k,
+              "outside_list": dataset.outside_list, "normal": run_once()}
+    print(f"{checkpoint}: T={config.frames}, (q_v, q_m)=({config.keep_rate_v}, "
+          f"{config.keep_rate_m}); {annotation}: {len(dataset)} questions, {len(answers)} answers "
+          f"({dataset.outside_list} questions answered outside the list)")
+    rows = {"normal": result["normal"]}
+    if shuffle is not None:
+        rows["shuffled"] = result["shuffled"] = run_once(shuffle)
+        result["shuffle_difference"] = result["normal"]["accuracy"] - rows["shuffled"]["accuracy"]
+    kinds = sorted(result["normal"]["per_type"])
+    print(f"{'':10}{'accuracy':>10}" + "".join(f"{kind:>12}" for kind in kinds))
+    for name, row in rows.items():
+        print(f"{name:10}{row['accuracy']:>10.1f}"
+              + "".join(f"{row['per_type'][kind]:>12.1f}" for kind in kinds))
+    return result

@@ -42,15 +42,19 @@ Feature files are dicts of tensors, lists, strings and numbers, so that
 Both hold unit-length features in the joint space of VTC: `text_feat @ video_feat.T` is the
 similarity that ranks.
 """
+import json
 import os
 import pickle
 import re
+import time
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
 import data
+from checkpoint import latest_checkpoint
+from pretrained import text_model_path
 
 VIDEO_EXTENSIONS = (".mp4", ".webm", ".avi", ".mkv", ".mov")
 SHEET_DPI = 100
@@ -424,3 +428,72 @@ def sheet_name(query: str) -> str:
     """A file name for the contact sheet of a query: search_<its words>.png."""
     words = re.sub(r"[^a-z0-9]+", "_", query.lower()).strip("_")[:60].rstrip("_")
     return f"search_{words or 'query'}.png"
+
+
+# --------------------------------------------------------------------------------------------
+# The command line (eval.py)
+# --------------------------------------------------------------------------------------------
+
+def search_command(args, device, load_model):
+    """`python eval.py --index/--search/--embed-text`, eval.py's flags in `args`: index videos,
+    search an index or embed captions. `load_model(checkpoint, device, **overrides)` is
+    eval.py's: -> (model in eval mode, its config, the checkpoint's run info)."""
+    tokenizer = None
+    try:
+        if args.search is not None:
+            if not args.index:
+                raise SystemExit("--search needs --index INDEX.pt, made by "
+                                 "`python eval.py --index VIDEO_DIR`")
+            index = load_features(args.index, "video_index")
+            recorded = index["checkpoint"]
+            if not (args.checkpoint or recorded):
+                raise SystemExit(f"{args.index} names no checkpoint: pass --checkpoint")
+            checkpoint = Path(args.checkpoint or recorded)
+            if recorded and checkpoint.resolve() != Path(recorded).resolve():
+                raise SystemExit(f"{args.index} holds features of {recorded}, not of {checkpoint}")
+            if (recorded and checkpoint.exists()
+                    and checkpoint.stat().st_mtime_ns != index["checkpoint_mtime"]):
+                print(f"warning: {checkpoint} changed after {args.index} was made; "
+                      "run --index again")
+            model, config, _ = load_model(checkpoint, device, **model_overrides(index))
+            tokenizer = data.default_tokenizer(text_model_path(config.text_model))
+            start = time.perf_counter()
+            results = search(model, index, args.search, args.k, tokenizer=tokenizer,
+                                    top=args.top, batch_size=args.batch_size)
+            seconds = time.perf_counter() - start
+            print(format_results(results))
+            print(f"searched {len(index['paths'])} videos in {seconds:.3f} s "
+                  f"(VTC, then VTM on the top {args.k})")
+            result = {"query": args.search, "index": str(args.index),
+                      "checkpoint": str(checkpoint), "k": args.k, "seconds": seconds,
+                      "results": results}
+            if args.visualize:
+                sheet = Path(args.visualize) / sheet_name(args.search)
+                result["picture"] = contact_sheet(results, sheet, frames=config.frames)
+                print(f"wrote {result['picture']}")
+            if args.output:
+                Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+                Path(args.output).write_text(json.dumps(result, indent=2))
+                print(f"wrote {args.output}")
+            return result
+        checkpoint = (Path(args.checkpoint) if args.checkpoint
+                      else latest_checkpoint(args.checkpoints_dir))
+        model, config, _ = load_model(checkpoint, device, keep_rate_v=args.keep_rate_v,
+                                      keep_rate_m=args.keep_rate_m, blocks=args.blocks,
+                                      dense=args.dense)
+        if args.embed_text:
+            tokenizer = data.default_tokenizer(text_model_path(config.text_model))
+            features = embed_texts(model, tokenizer, read_captions(args.embed_text),
+                                          checkpoint=checkpoint)
+            output = Path(args.output or Path(args.embed_text).with_suffix(".pt"))
+        else:
+            output = Path(args.output or "index.pt")
+            existing = load_features(output, "video_index") if output.exists() else None
+            features = index_videos(model, video_paths(args.index, args.video_root),
+                                           checkpoint=checkpoint, batch_size=args.batch_size,
+                                           workers=args.workers, seed=args.seed, existing=existing)
+        save_features(features, output)
+        print(f"wrote {output}")
+        return features
+    except (FileNotFoundError, ValueError) as error:  # a missing or malformed input file, named
+        raise SystemExit(str(error)) from None
