@@ -16,7 +16,8 @@ Usage:
     python data.py                                     # the same for the synthetic test split
 
 The embedded synthetic data set is made by `synthetic.py` in this format; the loader's speed is
-measured by `benchmarks/loader.py`.
+measured by `benchmarks/loader.py`. The downstream tasks' data (retrieval benchmarks' annotation
+variants, video QA) build on VideoTextDataset in `downstream_data.py`.
 
 Annotations follow the Singularity codebase that SViTT builds on: a JSON list of
 {"video": "relative/path.mp4", "caption": "..."}, where a retrieval test set may give a list of

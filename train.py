@@ -21,7 +21,9 @@ and run (plain Python types, so `torch.load(weights_only=True)` reads them), wri
 kept as `prev.pt`. SIGTERM or Ctrl-C ends the current step, writes the checkpoint and stops with
 the command that resumes; a second signal stops at once. TensorBoard logs sit beside the
 checkpoints (`tensorboard --logdir checkpoints`); --profile adds a trace for TensorBoard's
-profiler plugin.
+profiler plugin. What keeps a long run going (flag checks, random states, the sampler that resumes
+inside an epoch, the log, the stop on a signal) is in `run_control.py`; the setup of a fine-tuning
+run in `finetune.py`.
 """
 import argparse
 import logging
