@@ -19,9 +19,12 @@ The embedded synthetic data set is made by `synthetic.py` in this format; the lo
 measured by `benchmarks/loader.py`. The downstream tasks' data (retrieval benchmarks' annotation
 variants, video QA) build on VideoTextDataset in `downstream_data.py`.
 
-Annotations follow the Singularity codebase that SViTT builds on: a JSON list of
-{"video": "relative/path.mp4", "caption": "..."}, where a retrieval test set may give a list of
-captions for one video. The video root is a separate argument. A video listed by several entries
+Annotations follow the Singularity codebase that SViTT builds on: a JSON list of {"video":
+"relative/path.mp4", "caption": "..."}, where a retrieval test set may give a list of captions for
+one video. The video root is a separate argument. An entry may carry a "group" (a string or an
+integer): the videos of a group differ only in what a temporal benchmark probes (the synthetic
+scenes' four clips; one's own counterfactual captions). Training then batches whole groups
+(`train.ResumableSampler`) and `eval.py` reports group accuracy. A video listed by several entries
 is one video: it has one `video_id`, the index of its path in `VideoTextDataset.videos`.
 
 Several captions of one video (MSR-VTT has 20): a training set yields one item per (video, caption)

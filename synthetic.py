@@ -32,7 +32,8 @@ The rules:
   - Layout: ROOT/train.json, ROOT/test.json, ROOT/videos/{train,test}/SSSSS_K.mp4 (scene S, clip
     K: 0 the clip, 1 its reversal, 2 the events swapped, 3 that reversed), and ROOT/manifest.json,
     written last, holding the parameters: a later call with the same parameters reuses the files,
-    other parameters regenerate them.
+    other parameters regenerate them. Each entry carries the "group" of its scene ("train/00012"),
+    which training batches whole and `eval.py` scores as group accuracy.
 """
 import argparse
 import itertools
