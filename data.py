@@ -125,19 +125,23 @@ def validate_annotation(entries, name):
     return entries
 
 
-def load_annotation(path):
-    """Read and validate an annotation file; raises AnnotationError naming the file and entry."""
+def read_json(path, what="annotation file"):
+    """The JSON content of `path`; AnnotationError naming the file when it cannot be read."""
     path = os.fspath(path)
     try:
         with open(path, encoding="utf-8") as file:
-            entries = json.load(file)
+            return json.load(file)
     except FileNotFoundError:
-        raise AnnotationError(f"{path}: annotation file not found") from None
+        raise AnnotationError(f"{path}: {what} not found") from None
     except OSError as error:
-        raise AnnotationError(f"{path}: cannot read the annotation file ({error})") from None
+        raise AnnotationError(f"{path}: cannot read the {what} ({error})") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise AnnotationError(f"{path}: not a JSON file ({error})") from None
-    return validate_annotation(entries, path)
+
+
+def load_annotation(path):
+    """Read and validate an annotation file; raises AnnotationError naming the file and entry."""
+    return validate_annotation(read_json(path), os.fspath(path))
 
 
 # ---------------------------------------------------------------------------------------------

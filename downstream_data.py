@@ -23,7 +23,6 @@ Usage:
 format and prints its majority baseline.
 """
 
-import json
 import logging
 import os
 
@@ -35,6 +34,7 @@ from data import (
     clean_caption,
     entry_error,
     load_annotation,
+    read_json,
     tokenize_captions,
     validate_annotation,
 )
@@ -129,27 +129,13 @@ def validate_qa_annotation(entries, name: str) -> list[dict]:
 
 def load_qa_annotation(path) -> list[dict]:
     """Read and validate a QA annotation file; AnnotationError names the file and entry."""
-    path = os.fspath(path)
-    try:
-        with open(path, encoding="utf-8") as file:
-            entries = json.load(file)
-    except FileNotFoundError:
-        raise AnnotationError(f"{path}: annotation file not found") from None
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise AnnotationError(f"{path}: not a readable JSON file ({error})") from None
-    return validate_qa_annotation(entries, path)
+    return validate_qa_annotation(read_json(path), os.fspath(path))
 
 
 def load_answer_list(path) -> list[str]:
     """The answer list of a QA benchmark: a JSON list of strings, cleaned, duplicates dropped."""
     path = os.fspath(path)
-    try:
-        with open(path, encoding="utf-8") as file:
-            answers = json.load(file)
-    except FileNotFoundError:
-        raise AnnotationError(f"{path}: answer list not found") from None
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise AnnotationError(f"{path}: not a readable JSON file ({error})") from None
+    answers = read_json(path, "answer list")
     if not isinstance(answers, list) or not answers or not all(
             isinstance(a, str) and clean_caption(a) for a in answers):
         raise AnnotationError(f"{path}: an answer list is a non-empty JSON list of strings")
