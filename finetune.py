@@ -25,48 +25,33 @@ from qa import ANSWER_LEN, QUESTION_LEN, SViTTQA
 
 PARAGRAPH_TEXT_LEN = 64  # text tokens of paragraph retrieval (Table 9: 64 for DiDeMo)
 
+
+def _finetune_stages(stages, settings, keep_rate_m=None):
+    """Fine-tuning stages from pre-training ones: the same frames, blocks and q_v (and q_m unless
+    given), no warm-up, and the task's epochs, batch sizes ({frames: batch}) and learning rate."""
+    epochs, batch_sizes, lr = settings
+    return {frames: replace(stage, epochs=epochs, warmup_epochs=0, batch_size=batch_sizes[frames],
+                            lr=lr, text_lr_scale=1.0,
+                            keep_rate_m=stage.keep_rate_m if keep_rate_m is None else keep_rate_m)
+            for frames, stage in stages.items()}
+
+
 # Table 9, fine-tuning columns: no warm-up, weight decay 0.02; retrieval lr 1e-5 with the
 # pre-training keep rates; QA at 8 frames, (q_v, q_m) = (0.6, 0.5), lr 5e-5. Table 9 gives QA at 8
 # frames only; 4 and 16 take that stage's q_v with QA's q_m.
 FINETUNE_STAGES = {
-    "retrieval": {
-        4: Stage(4, 1, 3, 56, 0.7, 0.1, epochs=15, warmup_epochs=0, batch_size=64, lr=1e-5,
-                 weight_decay=0.02),
-        8: Stage(8, 1, 3, 56, 0.6, 0.1, epochs=15, warmup_epochs=0, batch_size=48, lr=1e-5,
-                 weight_decay=0.02),
-        16: Stage(16, 1, 3, 56, 0.5, 0.1, epochs=15, warmup_epochs=0, batch_size=32, lr=1e-5,
-                  weight_decay=0.02),
-    },
-    "qa": {
-        4: Stage(4, 1, 3, 56, 0.7, 0.5, epochs=5, warmup_epochs=0, batch_size=128, lr=5e-5,
-                 weight_decay=0.02),
-        8: Stage(8, 1, 3, 56, 0.6, 0.5, epochs=5, warmup_epochs=0, batch_size=128, lr=5e-5,
-                 weight_decay=0.02),
-        16: Stage(16, 1, 3, 56, 0.5, 0.5, epochs=5, warmup_epochs=0, batch_size=128, lr=5e-5,
-                  weight_decay=0.02),
-    },
+    "retrieval": _finetune_stages(curriculum.STAGES, (15, {4: 64, 8: 48, 16: 32}, 1e-5)),
+    "qa": _finetune_stages(curriculum.STAGES, (5, {4: 128, 8: 128, 16: 128}, 5e-5),
+                           keep_rate_m=0.5),
 }
 
 # The CPU preset: G = 14 as in its pre-training stages; a few epochs of the small synthetic splits
 # at a larger learning rate (its video encoder learnt from scratch minutes ago), batches a laptop
-# holds. As in Table 9, no warm-up.
+# holds. As in Table 9, no warm-up; the text encoder at the full rate.
 TINY_FINETUNE_STAGES = {
-    "retrieval": {
-        4: Stage(4, 1, 3, 14, 0.7, 0.1, epochs=6, warmup_epochs=0, batch_size=32, lr=1e-4,
-                 weight_decay=0.02),
-        8: Stage(8, 1, 3, 14, 0.6, 0.1, epochs=6, warmup_epochs=0, batch_size=32, lr=1e-4,
-                 weight_decay=0.02),
-        16: Stage(16, 1, 3, 14, 0.5, 0.1, epochs=6, warmup_epochs=0, batch_size=16, lr=1e-4,
-                  weight_decay=0.02),
-    },
-    "qa": {
-        4: Stage(4, 1, 3, 14, 0.7, 0.5, epochs=1, warmup_epochs=0, batch_size=32, lr=1e-4,
-                 weight_decay=0.02),
-        8: Stage(8, 1, 3, 14, 0.6, 0.5, epochs=1, warmup_epochs=0, batch_size=32, lr=1e-4,
-                 weight_decay=0.02),
-        16: Stage(16, 1, 3, 14, 0.5, 0.5, epochs=1, warmup_epochs=0, batch_size=16, lr=1e-4,
-                  weight_decay=0.02),
-    },
+    "retrieval": _finetune_stages(curriculum.TINY_STAGES, (6, {4: 32, 8: 32, 16: 16}, 1e-4)),
+    "qa": _finetune_stages(curriculum.TINY_STAGES, (1, {4: 32, 8: 32, 16: 16}, 1e-4),
+                           keep_rate_m=0.5),
 }
 
 
