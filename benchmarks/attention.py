@@ -21,7 +21,6 @@ which keeps freed memory in the process rather than returning it to the OS (and 
 in again).
 """
 import argparse
-import ctypes
 import json
 import math
 import os
@@ -36,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from cpu_speedups import keep_freed_memory
 from sparse_attention import block_layout, sparse_attention
 
 
@@ -202,13 +202,6 @@ def peak_rss_child(args):
     else:
         sparse_attention(q, k, v, block_size, layout, impl=args.impl)[0].backward(grad)
     print(status("VmHWM:") - before)
-
-
-def keep_freed_memory():
-    """glibc: keep freed blocks in the process (M_MMAP_MAX = 0, M_TRIM_THRESHOLD = 1 GB)."""
-    libc = ctypes.CDLL("libc.so.6")
-    libc.mallopt(-4, 0)
-    libc.mallopt(-1, 1 << 30)
 
 
 def allocator(device, keep_freed):
