@@ -160,7 +160,7 @@ def count_edges(frames, local_blocks, random_blocks, block_size, keep_rate_v, ke
 
 
 def count_config_edges(config):
-    """count_edges for a model config (any object with the fields of model.SViTTConfig)."""
+    """count_edges for a model config (any object with the fields of config.SViTTConfig)."""
     return count_edges(config.frames, config.local_blocks, config.random_blocks, config.block_size,
                        config.keep_rate_v, config.keep_rate_m,
                        patches_per_frame=(config.image_size // config.patch_size) ** 2,

@@ -34,7 +34,8 @@ import downstream_data
 import finetune
 import qa
 from checkpoint import latest_checkpoint, load_checkpoint, load_model_state
-from model import SViTT, SViTTConfig
+from config import SViTTConfig
+from model import SViTT
 from pretrained import text_model_path
 from synthetic import ensure_synthetic
 

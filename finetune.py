@@ -19,8 +19,9 @@ import data
 import downstream_data
 import synthetic
 from checkpoint import latest_checkpoint, load_checkpoint, load_model_state
+from config import SViTTConfig
 from curriculum import Stage
-from model import SViTT, SViTTConfig
+from model import SViTT
 from qa import ANSWER_LEN, QUESTION_LEN, SViTTQA
 
 PARAGRAPH_TEXT_LEN = 64  # text tokens of paragraph retrieval (Table 9: 64 for DiDeMo)

@@ -13,7 +13,7 @@ Three encoders and three losses:
   are cut to ceil(q_m n) by the text class token's attention (Eq. 12-13);
 * losses with equal weights (Sec. A.3): VTC (Eq. 28-29), VTM (Eq. 30), MLM (Eq. 31).
 
-Usage::
+Usage (the config and its presets are in `config.py`)::
 
     config = preset("tiny", frames=4)    # or preset("base", frames=8, beit_checkpoint=...)
     model = SViTT(config)
@@ -27,7 +27,6 @@ faster on a CPU (and the MLP in less memory).
 `python model.py` prints the parameter count and the forward edges of each preset.
 """
 import math
-from dataclasses import asdict, dataclass, field, fields, replace
 
 import torch
 import torch.distributed as dist
@@ -35,130 +34,11 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from config import SViTTConfig, preset  # noqa: F401 (re-exported for `from model import ...`)
 from cpu_speedups import Dropout, Mlp, attention_with_dropout
 from pretrained import beit_normalisation, load_beit, load_bert, load_bert_layer
 from sparse_attention import SparseSelfAttention
 from token_pruning import class_attention_scores, keep_tokens, text_to_video_scores
-
-# --------------------------------------------------------------------------------------------
-# Configuration and presets
-# --------------------------------------------------------------------------------------------
-
-@dataclass
-class SViTTConfig:
-    preset: str = "tiny"               # name of the preset this config came from
-    # video encoder f_v (BEiT-style ViT)
-    frames: int = 4                    # T, frames per clip
-    image_size: int = 112              # input side in pixels
-    patch_size: int = 16               # patches of 16 x 16 pixels
-    vision_width: int = 128            # d, token width
-    vision_layers: int = 12            # L_v
-    vision_heads: int = 2              # attention heads (64 wide each)
-    mlp_ratio: float = 4.0             # FFN hidden width / d
-    layer_scale: float = 0.1           # BEiT's LayerScale initial value (0 disables it)
-    abs_pos_embed: bool = True         # absolute 3D position embedding (Eq. 20-22)
-    pos_embed_init: str = "normal"     # its start: "normal" (std 0.02, BEiT's) or "sincos"
-    rel_pos_bias: bool = True          # relative position bias over (t, h, w) (Eq. 24-27)
-    drop_path: float = 0.0             # stochastic depth of the last block (0 at the first, linear
-                                       # between, as BEiT); the BEiT checkpoint's config has 0.1
-    video_pooling: str = "cls"         # the video's VTC feature: its class token ("cls", Sec. A.3),
-                                       # or BEiT's pooler, a LayerNorm of the mean of the regional
-                                       # tokens ("mean", the authors' code)
-    # input normalisation of the frames, per RGB channel: the vision backbone's. Checkpoints
-    # written before this field trained with the ImageNet statistics, the default here
-    image_mean: list = field(default_factory=lambda: [0.485, 0.456, 0.406])
-    image_std: list = field(default_factory=lambda: [0.229, 0.224, 0.225])
-    horizontal_flip: bool = False      # flip training clips at random (contradicts left/right)
-    # edge sparsity (Sec. 3.2); block_size None means dense attention
-    block_size: int = 14               # G, tokens per block
-    local_blocks: int = 1              # K_l
-    random_blocks: int = 3             # K_r
-    # node sparsity (Sec. 3.3)
-    keep_rate_v: float = 0.7           # q_v
-    # visual layers (1-based) that prune
-    prune_after: list = field(default_factory=lambda: [4, 7, 10])
-    keep_rate_m: float = 0.1           # q_m
-    multimodal_prune_after: int = 1    # multimodal layer (1-based) after which q_m prunes; 0: never
-    # text and multimodal encoders (BERT)
-    text_model: str = "all-MiniLM-L6-v2"  # from_pretrained name or folder; see pretrained.py
-    text_layers: int = 3               # BERT layers of f_t
-    multimodal_layers: int = 3         # L_m, BERT layers of f_m (get cross-attention)
-    text_len: int = 32                 # N_t, tokens per caption
-    text_pooling: str = "cls"          # what stands for a caption in VTC, VTM and Eq. 12: its class
-                                       # token ("cls"), or the mean of its tokens ("mean") for text
-                                       # encoders trained that way (MiniLM)
-    text_config: dict = field(default_factory=dict)  # the BERT config, filled in when built
-    # heads and losses
-    embed_dim: int = 256               # joint space of VTC
-    temperature: float = 0.07          # initial tau of Eq. 29 (learned)
-    vtc_directions: str = "sum"        # Eq. 28 sums video-to-text and text-to-video; "mean": their
-                                       # mean (the authors' code: half the VTC weight)
-    vtc_gather: bool = True            # VTC negatives from all ranks' clips (Eq. 29 over the batch
-                                       # B of Table 9); False: each GPU's own (the authors' code)
-    hard_negatives: bool = True        # VTM negatives drawn by VTC similarity (Singularity, ALBEF)
-    vtm_negative_videos: bool = False  # Eq. 30: each clip with a negative caption (2B pairs); True
-                                       # adds each caption with a negative clip (3B, authors' code)
-    vtm_score: str = "log_softmax"     # retrieval re-ranking by log p(match) ("log_softmax") or the
-                                       # match logit ("logit", the authors' code)
-    mlm_probability: float = 0.15      # share of caption tokens masked for MLM (Eq. 31)
-    lr_floor: float = 0.0              # the cosine schedule ends at lr_floor x the peak rate
-    # transformers BEiT folder to initialise f_v from ("" = random)
-    beit_checkpoint: str = ""
-
-    def __post_init__(self):
-        for name, allowed in (("text_pooling", ("cls", "mean")), ("video_pooling", ("cls", "mean")),
-                              ("vtc_directions", ("sum", "mean")),
-                              ("vtm_score", ("log_softmax", "logit"))):
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"config {name}={getattr(self, name)!r}: choose one of {allowed}")
-
-    @property
-    def grid(self):
-        return self.image_size // self.patch_size  # H' = W'
-
-    @property
-    def num_tokens(self):
-        return self.frames * self.grid ** 2 + 1  # N = T H' W' + 1 (Eq. 1)
-
-    def to_dict(self):
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d):
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        assert not unknown, f"config has keys this version does not know: {unknown}"
-        return cls(**d)
-
-
-def preset(name, **overrides):
-    """'base': the paper's model (BEiT-B/16 at 224 px, BERT-base 9 + 3 layers, G = 56).
-    'tiny': the CPU default, the paper's ratios at 112 px (7 x 7 patches a frame, G = 14, a block
-    2/7 of a frame as 56 is of 14 x 14) with the pretrained MiniLM text encoder (3 + 3 layers),
-    ImageNet normalisation, MLM at 0.15, no flip, no stochastic depth: what it was tuned with.
-    The README's recipe table compares each choice with the paper and the authors' code."""
-    if name == "base":
-        # where the paper is silent, the authors' recipe: BEiT's normalisation (mean and std 0.5),
-        # its stochastic depth, MLM masking half the tokens, flips, and a cosine to 1% of the peak
-        config = SViTTConfig(preset="base", image_size=224, vision_width=768, vision_heads=12,
-                             abs_pos_embed=False, block_size=56, text_model="bert-base-uncased",
-                             text_layers=9, multimodal_layers=3, drop_path=0.1,
-                             image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5],
-                             horizontal_flip=True, mlm_probability=0.5, lr_floor=0.01,
-                             vtm_score="logit")
-    elif name == "tiny":
-        # all-MiniLM-L6-v2 was trained with mean pooling: its class token barely depends on the
-        # caption (cosine 0.9999 between captions), so VTC would start from a constant text feature
-        # trained from scratch in minutes: LayerScale's 0.1 start slows that start, so it is off
-        # VTM negatives drawn uniformly (Eq. 30): once VTC knows colours and shapes, similarity
-        # picks
-        # the same scene played backwards, which a few minutes of training cannot yet tell apart
-        config = SViTTConfig(preset="tiny", text_pooling="mean", layer_scale=0.0,
-                             hard_negatives=False, pos_embed_init="sincos")
-    else:
-        raise ValueError(f"unknown preset {name!r}: choose 'base' or 'tiny'")
-    return replace(config, **overrides)
-
 
 # --------------------------------------------------------------------------------------------
 # Video encoder f_v

@@ -46,8 +46,9 @@ from checkpoint import (
     load_model_state,
     save_checkpoint,
 )
+from config import SViTTConfig, preset
 from cpu_speedups import keep_freed_memory
-from model import SViTT, SViTTConfig, preset
+from model import SViTT
 from pretrained import text_model_path
 from run_control import (
     ResumableSampler,

@@ -28,7 +28,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import curriculum  # noqa: E402
-from model import SViTT, preset  # noqa: E402
+from config import preset  # noqa: E402
+from model import SViTT  # noqa: E402
 
 PAPER_TABLE2 = {  # (T, sparsity) -> (GFLOPs, training memory GB) of Table 2
     (4, "dense"): (139.9, 0.96), (4, "edge"): (135.9, 0.80),

@@ -20,7 +20,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import data  # noqa: E402
 import search  # noqa: E402
-from model import SViTT, preset  # noqa: E402
+from config import preset  # noqa: E402
+from model import SViTT  # noqa: E402
 from pretrained import text_model_path  # noqa: E402
 
 QUERY = "a red square moves up, then a blue circle moves left"

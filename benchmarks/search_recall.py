@@ -28,7 +28,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import data  # noqa: E402
 import search  # noqa: E402
-from model import SViTT, SViTTConfig  # noqa: E402
+from config import SViTTConfig  # noqa: E402
+from model import SViTT  # noqa: E402
 from pretrained import text_model_path  # noqa: E402
 from synthetic import ensure_synthetic  # noqa: E402
 

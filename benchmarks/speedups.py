@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import cpu_speedups  # noqa: E402
 import model as model_module  # noqa: E402
 from benchmarks.cost import dummy_batch  # noqa: E402
+from config import preset  # noqa: E402
 
 
 def plain_attention_with_dropout(q, k, v, mask, dropout):
@@ -76,7 +77,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     cpu_speedups.keep_freed_memory()
     torch.manual_seed(0)
-    config = model_module.preset("tiny", frames=args.frames)
+    config = preset("tiny", frames=args.frames)
     model = model_module.SViTT(config, pretrained=False).train()
     batch = dummy_batch(config, args.batch_size, "cpu")
     variants = {"all": (True, True), "plain-mlp": (False, True), "torch-dropout": (True, False),
