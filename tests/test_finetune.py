@@ -1,5 +1,6 @@
-"""Tests for retrieval fine-tuning: the annotation variants of the retrieval benchmarks, recall
-with several right videos, and fine-tuning runs (train.py --task retrieval) that resume."""
+"""Tests for retrieval fine-tuning: the annotation variants of the retrieval benchmarks and
+fine-tuning runs (train.py --task retrieval) that resume. Recall with several right videos is
+tested in test_metrics.py."""
 
 import json
 
@@ -8,7 +9,6 @@ import pytest
 import torch
 
 import downstream_data
-import eval as evaluation
 import synthetic
 
 
@@ -58,22 +58,6 @@ def test_several_ground_truth_videos(tmp_path):
     assert test.captions == [("pushing something", 0), ("pulling something", 1)]
     assert test.ground_truth == [[0, 2], [1]]
     assert test.ground_truth_matrix().tolist() == [[True, False, True], [False, True, False]]
-
-
-def test_recall_with_several_right_videos():
-    # caption 0: right videos 0 and 2; caption 1: right video 1
-    gt = torch.tensor([[True, False, True, False], [False, True, False, False]])
-    scores = torch.tensor([[0.1, 0.9, 0.8, 0.2],    # best right video (2) ranked 2nd
-                           [0.3, 0.7, 0.2, 0.6]])   # right video first
-    t2v = evaluation.retrieval_metrics(scores, scores, gt)
-    assert t2v["t2v_R@1"] == 50.0 and t2v["t2v_R@5"] == 100.0
-    # video-to-text: video 0's caption (0.1) is below caption 1 (0.3), video 1's (0.7) below
-    # caption 0 (0.9), video 2's (0.8) first; video 3 has no caption and is not a query
-    assert t2v["v2t_R@1"] == pytest.approx(100 / 3)
-    # one right video per caption reads the same as the index form
-    single = torch.tensor([2, 1])
-    assert evaluation.retrieval_metrics(scores, scores, single) == evaluation.retrieval_metrics(
-        scores, scores, torch.nn.functional.one_hot(single, 4).bool())
 
 
 # --------------------------------------------------------------------------------------------
