@@ -28,6 +28,7 @@ import os
 
 import torch
 
+from collate import tokenize_captions
 from data import (
     AnnotationError,
     VideoTextDataset,
@@ -35,7 +36,6 @@ from data import (
     entry_error,
     load_annotation,
     read_json,
-    tokenize_captions,
     validate_annotation,
 )
 

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+import collate
 import curriculum
 import data
 import downstream_data
@@ -198,7 +199,7 @@ def extract(model, dataset, tokenizer, device, *, batch_size, workers, seed, fra
         indices.append(index.cpu())
         video_feats.append(feat.cpu())
     captions = [caption for caption, _ in dataset.captions]
-    text = data.tokenize_captions(tokenizer, captions, model.config.text_len)
+    text = collate.tokenize_captions(tokenizer, captions, model.config.text_len)
     states, text_feats = [], []
     for start in range(0, len(captions), 128):
         ids = text["input_ids"][start:start + 128].to(device)
@@ -321,7 +322,7 @@ def visualize(model, dataset, tokenizer, device, folder, *, count, seed):
         item = dataset[i]
         video = item["video"][None].to(device)
         tokens, index, _ = model.encode_video(video, generator)
-        text = data.tokenize_captions(tokenizer, [item["caption"]], config.text_len)
+        text = collate.tokenize_captions(tokenizer, [item["caption"]], config.text_len)
         states, _ = model.encode_text(text["input_ids"].to(device),
                                       text["attention_mask"].to(device))
         _, kept = model.fuse(states, text["attention_mask"].to(device), tokens, return_kept=True)

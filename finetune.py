@@ -14,8 +14,8 @@ resume with `--resume` like pre-training runs. train.py holds the loop; this fil
 from dataclasses import replace
 from pathlib import Path
 
+import collate
 import curriculum
-import data
 import downstream_data
 import synthetic
 from checkpoint import latest_checkpoint, load_checkpoint, load_model_state
@@ -105,7 +105,7 @@ def task_dataset(task, annotation, video_root, config, *, train, seed=0, paragra
     return downstream_data.RetrievalDataset(annotation, video_root, paragraph=paragraph, **common)
 
 
-class RetrievalCollate(data.VideoTextCollate):
+class RetrievalCollate(collate.VideoTextCollate):
     """Pre-training's batches without the MLM inputs: fine-tuning for retrieval trains VTC and VTM
     only, and SViTT.forward leaves MLM out when a batch has no mlm_labels."""
 
@@ -123,7 +123,7 @@ def task_collate(task, tokenizer, config, seed):
     if task == "retrieval":
         return RetrievalCollate(tokenizer, text_len=config.text_len, mlm_probability=0.0,
                                 seed=seed)
-    return data.make_collate(tokenizer, text_len=config.text_len,
+    return collate.make_collate(tokenizer, text_len=config.text_len,
                              mlm_probability=config.mlm_probability, seed=seed)
 
 

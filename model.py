@@ -17,7 +17,7 @@ Usage (the config and its presets are in `config.py`)::
 
     config = preset("tiny", frames=4)    # or preset("base", frames=8, beit_checkpoint=...)
     model = SViTT(config)
-    out = model(batch)                              # batch from data.make_collate
+    out = model(batch)                              # batch from collate.make_collate
     out["loss"].backward()
 
 Pretrained BERT and BEiT weights are loaded by `pretrained.py`; the MLP, dropout and BERT attention

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+import collate
 import data
 import downstream_data
 from cpu_speedups import Dropout
@@ -163,7 +164,7 @@ def evaluate_qa(model, loader, answer_list, tokenizer, device, *, k=128, answer_
     frames (temporal probing, Table 14). A question is right when the predicted answer is one of its
     answers (after cleaning); questions whose answers are outside the list are always wrong.
     """
-    tokens = data.tokenize_captions(tokenizer, answer_list, answer_len)
+    tokens = collate.tokenize_captions(tokenizer, answer_list, answer_len)
     answer_ids = tokens["input_ids"].to(device)
     answer_mask = tokens["attention_mask"].to(device)
     predictions, right, kinds, seen = [], [], [], 0

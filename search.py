@@ -52,6 +52,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+import collate
 import data
 from checkpoint import latest_checkpoint
 from pretrained import text_model_path
@@ -241,7 +242,7 @@ def read_captions(path) -> list[str]:
 def encode_captions(model, tokenizer, captions, device=None):
     """f_t of captions: hidden states (B, L, C), attention mask (B, L), VTC features (B, e)."""
     device = _device(model, device)
-    text = data.tokenize_captions(tokenizer, captions, model.config.text_len)
+    text = collate.tokenize_captions(tokenizer, captions, model.config.text_len)
     mask = text["attention_mask"].to(device)
     states, feat = model.encode_text(text["input_ids"].to(device), mask)
     return states, mask, feat.float()

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import collate  # noqa: E402
 import data  # noqa: E402
 from synthetic import ensure_synthetic  # noqa: E402
 
@@ -29,7 +30,7 @@ def loader_throughput(paths, tokenizer, *, frames, workers, image_size=112,
                                image_size=image_size, train=True)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True,
                                          num_workers=workers, drop_last=True,
-                                         collate_fn=data.make_collate(tokenizer))
+                                         collate_fn=collate.make_collate(tokenizer))
     batches = iter(loader)
     next(batches)
     clips = 0

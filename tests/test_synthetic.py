@@ -7,6 +7,7 @@ import pytest
 import torch
 import transformers
 
+import collate
 import data
 import synthetic
 
@@ -117,7 +118,7 @@ def test_synthetic_split_loads_through_the_dataset(tmp_path, tokenizer):
     dataset = data.VideoTextDataset(paths["test"], paths["video_root"], frames=4, image_size=32,
                                     train=True)
     loader = torch.utils.data.DataLoader(dataset, batch_size=4,
-                                         collate_fn=data.make_collate(tokenizer))
+                                         collate_fn=collate.make_collate(tokenizer))
     batch = next(iter(loader))
     assert batch["video"].shape == (4, 4, 3, 32, 32)
     assert batch["skipped"] == [] and batch["video_id"].tolist() == [0, 1, 2, 3]
