@@ -2,8 +2,8 @@
 
 A video of T frames is a sequence of 1 + N tokens: a class token at position 0 and N regional
 (patch) tokens flattened time-major. Attention is a graph over these tokens (Eq. 5-6): query i
-mixes the values of the keys j with (i, j) in the edge set E. Dense attention uses every pair; SViTT
-keeps only
+mixes the values of the keys j with (i, j) in the edge set E. Dense attention uses every pair;
+SViTT keeps only
 
 * local edges (Eq. 7): regional tokens are cut into N_b = ceil(N / G) blocks of G tokens, and block
   k attends to its K_l neighbouring blocks;
@@ -11,22 +11,19 @@ keeps only
 * global edges (Eq. 9): the class token attends to every token, and every token to the class token.
 
 Each regional token then has (K_l + K_r) G + 1 keys instead of 1 + N, so time and memory grow
-linearly with N (Eq. 17). Two functions build a (1 + N) x (1 + N) tensor: `attention_mask` (the
-edge set drawn densely, for teaching and tests) and `dense_attention` (the dense baseline, when it
-is given a bias). Nothing on the sparse path does.
+linearly with N (Eq. 17). Only `attention_mask` (the edge set drawn densely, for teaching and
+tests) and `dense_attention` (the dense baseline, given a bias) build a (1 + N) x (1 + N) tensor.
 
 Usage::
 
     layout = block_layout(num_blocks=14, local_blocks=1, random_blocks=3)   # (14, 4)
     out, cls_attn = sparse_attention(q, k, v, block_size=56, layout=layout)  # q: (B, H, 1 + N, D)
-    attn = SparseSelfAttention(dim=768, num_heads=12, block_size=56, local_blocks=1,
-                               random_blocks=3)
+    attn = SparseSelfAttention(dim=768, num_heads=12, block_size=56)          # K_l = 1, K_r = 3
     out, cls_attn = attn(x)                                                   # x: (B, 1 + N, 768)
 
-`plain_sparse_attention` below is the whole computation in einsum and softmax; the rest of the
-file computes the same thing faster (checked equal by the tests). The file imports only torch and
-einops, so it can be copied into another project alone, and needs no process-wide setting.
-Run ``python sparse_attention.py`` to print the edge set of a small layout.
+`plain_sparse_attention` is the whole computation in einsum and softmax; the rest of the file
+computes the same faster (tested equal). Imports: torch and einops only, so the file can be copied
+alone; it needs no process-wide setting. ``python sparse_attention.py`` prints a small edge set.
 """
 import math
 
@@ -42,12 +39,10 @@ def block_layout(num_blocks, local_blocks, random_blocks, generator=None, *, dev
 
     Returns a LongTensor (num_blocks, local_blocks + random_blocks); row k lists the key blocks of
     query block k. The local window {k - D, ..., k + D}, D = (K_l - 1) // 2, shifts inward at the
-    ends of the sequence so every row has K_l local blocks. The K_r random blocks are distinct and
-    drawn from the blocks outside the window. With fewer blocks than K_l + K_r every row lists
-    every block once (shape (num_blocks, num_blocks)), local ones first.
-
-    Sampling is vectorised: one uniform score per (query block, key block), local blocks pushed to
-    the front, and a sort picks the rest. `generator` (on `device`) makes a draw reproducible.
+    ends of the sequence so every row has K_l local blocks. The K_r random blocks are distinct,
+    drawn from the blocks outside the window by one sort of uniform scores (local blocks pushed to
+    the front); `generator` (on `device`) makes a draw reproducible. With fewer blocks than
+    K_l + K_r every row lists every block once (shape (num_blocks, num_blocks)), local ones first.
     """
     assert local_blocks >= 1, "each block must attend at least to itself (K_l >= 1)"
     width = min(local_blocks + random_blocks, num_blocks)
@@ -56,18 +51,15 @@ def block_layout(num_blocks, local_blocks, random_blocks, generator=None, *, dev
     start = (rows - (local_blocks - 1) // 2).clamp(0, max(num_blocks - local_blocks, 0))
     offset = rows[None, :] - start[:, None]  # (query block, key block)
     is_local = (offset >= 0) & (offset < local_blocks)
-    # Eq. 8: random priority for every non-local block; local blocks get -1 so they sort first
-    # (in their natural order, thanks to the tie-breaking offset).
+    # Eq. 8: a random priority for every non-local block; local ones sort first, in their order
     priority = torch.rand(num_blocks, num_blocks, generator=generator, device=device)
     priority = torch.where(is_local, offset.to(priority.dtype) - local_blocks, priority)
     return priority.argsort(dim=1)[:, :width]
 
 
 def attention_mask(num_tokens, block_size, layout):
-    """The edge set E of `layout` as a dense (1 + N, 1 + N) boolean matrix (for teaching and tests).
-
-    `num_tokens` is N, the number of regional tokens; position 0 is the class token.
-    """
+    """The edge set E of `layout` as a dense (1 + N, 1 + N) boolean matrix, for teaching and tests;
+    `num_tokens` is N, the number of regional tokens (position 0 is the class token)."""
     num_blocks = math.ceil(num_tokens / block_size)
     assert layout.shape[0] == num_blocks, f"layout has {layout.shape[0]} rows, N / G: {num_blocks}"
     block_of = torch.arange(num_tokens, device=layout.device) // block_size  # (N,)
@@ -124,22 +116,14 @@ def sparse_attention(q, k, v, block_size, layout, bias=None, *, impl="auto"):
     `bias`: None, or a relative position bias given as a function ``bias(query_pos, key_pos)`` that
     maps two broadcastable LongTensors of token positions (0 = class token, 1..N regional) to a
     float tensor (B or 1, H, *broadcast shape) added to the attention logits (Eq. 24). Asking for
-    the bias of the edges only keeps it in the sparse shape: no N x N table exists.
+    the bias of the edges only keeps it in the sparse shape: no N x N table exists. Returns
+    ``(out, cls_attn)``: out (B, H, 1 + N, D); cls_attn (B, H, N), the class token's attention
+    weights over the regional tokens (Eq. 10), which node pruning ranks.
 
-    Returns ``(out, cls_attn)``: out (B, H, 1 + N, D); cls_attn (B, H, N), the class token's
-    attention weights over the regional tokens (Eq. 10), which node pruning ranks.
-
-    `impl` picks one of three spellings of the same computation (the tests hold each to dense
-    attention under `attention_mask`):
-
-    * ``"einsum"``: `plain_sparse_attention`, the equations; autograd does the rest.
-    * ``"sdpa"``: the blocks folded into the batch, one 4-D ``scaled_dot_product_attention`` call:
-      the shape the fused CUDA kernels (FlashAttention) take.
-    * ``"bmm"``: `_BlockSparseAttention`, batched matrix products with a hand-written backward,
-      a few heads at a time: the fast one on the CPU.
-    * ``"auto"`` (default): ``"sdpa"`` on CUDA and for inference, ``"bmm"`` for training on the
-      CPU (the CPU's fused kernel is the faster forward, the hand-written backward the faster
-      training step).
+    `impl` spells one computation three ways, each tested equal to dense attention under
+    `attention_mask`: "einsum" (`plain_sparse_attention`), "sdpa" (the blocks folded into the batch
+    of one 4-D `scaled_dot_product_attention` call, the shape fused CUDA kernels take) and "bmm"
+    (`_BlockSparseAttention`, a hand-written backward); "auto": "bmm" to train on CPU, else "sdpa".
     """
     num_blocks = math.ceil((q.shape[2] - 1) / block_size)
     assert layout.shape[0] == num_blocks, f"layout has {layout.shape[0]} rows, N / G: {num_blocks}"
@@ -158,14 +142,11 @@ def sparse_attention(q, k, v, block_size, layout, bias=None, *, impl="auto"):
 
 
 def dense_attention(q, k, v, bias=None):
-    """Full attention over all 1 + N tokens with `sparse_attention`'s `bias` convention.
-
-    Returns (out, cls_attn). With a bias it builds the (B or 1, H, 1 + N, 1 + N) table of every
-    pair's bias."""
-    L = q.shape[2]
+    """Full attention over all 1 + N tokens with `sparse_attention`'s `bias` convention -> (out,
+    cls_attn). With a bias it builds the (B or 1, H, 1 + N, 1 + N) table of every pair's bias."""
     mask = None
     if bias is not None:
-        positions = torch.arange(L, device=q.device)
+        positions = torch.arange(q.shape[2], device=q.device)
         mask = bias(positions[:, None], positions[None, :]).to(q.dtype)  # (B or 1, H, 1 + N, 1 + N)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     # the class token's row (Eq. 10), recomputed apart: the fused kernel does not return weights
@@ -185,26 +166,22 @@ class SparseSelfAttention(nn.Module):
 
     forward(x, bias=None, generator=None) -> (out, cls_attn): x and out (B, 1 + N, C); cls_attn
     (B, H, N), the class token's attention weights for node pruning (Eq. 10). A fresh random layout
-    is drawn at every call (once per forward and layer, shared by batch and heads); pass a seeded
-    `generator` to make it reproducible. `edges(num_tokens)` counts the query-key pairs per head
-    that a call computes (Eq. 17 when sparse, (1 + N)^2 when dense).
+    is drawn at every call (once per forward and layer, shared by batch and heads); a seeded
+    `generator` makes it reproducible. `edges(num_tokens)`: the pairs per head a call computes.
     """
 
     def __init__(self, *, dim, num_heads, block_size=None, local_blocks=1, random_blocks=3,
                  qkv_bias=True, impl="auto"):
         super().__init__()
         assert dim % num_heads == 0, f"dim {dim} must be divisible by num_heads {num_heads}"
-        self.num_heads = num_heads
-        self.block_size = block_size
-        self.local_blocks = local_blocks
-        self.random_blocks = random_blocks
-        self.impl = impl
+        self.num_heads, self.block_size, self.impl = num_heads, block_size, impl
+        self.local_blocks, self.random_blocks = local_blocks, random_blocks
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x, bias=None, generator=None):
-        qkv = rearrange(self.qkv(x), "b l (three h d) -> three b h l d", three=3, h=self.num_heads)
-        q, k, v = qkv
+        q, k, v = rearrange(self.qkv(x), "b l (three h d) -> three b h l d", three=3,
+                            h=self.num_heads)
         if self.block_size is None:
             out, cls_attn = dense_attention(q, k, v, bias)
         else:
@@ -215,8 +192,7 @@ class SparseSelfAttention(nn.Module):
         return self.proj(rearrange(out, "b h l d -> b l (h d)")), cls_attn
 
     def edges(self, num_tokens):
-        """Query-key pairs per head that a call on `num_tokens` tokens (class token included)
-        computes."""
+        """Query-key pairs per head for `num_tokens` = 1 + N tokens: Eq. 17, or (1 + N)^2 dense."""
         if self.block_size is None:
             return num_tokens * num_tokens
         num_blocks = math.ceil((num_tokens - 1) / self.block_size)
@@ -232,12 +208,11 @@ def _edge_biases(q, block_size, layout, bias):
     """The logit biases of the edges, each None or a tensor: the class row (B or 1, H, 1 + N), the
     class token's column (B or 1, H, N_b, G, 1) and the block edges (B or 1, H, N_b, G, K G), with
     -inf on the keys that pad the last block ((N_b, 1, K G) when there is no `bias`)."""
-    L, G, num_blocks = q.shape[2], block_size, layout.shape[0]
-    N = L - 1
+    N, G, num_blocks = q.shape[2] - 1, block_size, layout.shape[0]
     key_pos = _edges(G, layout)  # (N_b, K G)
     row_bias = column_bias = block_bias = None
     if bias is not None:
-        positions = torch.arange(L, device=q.device)
+        positions = torch.arange(1 + N, device=q.device)
         row_bias = bias(positions[:1, None], positions[None, :])[:, :, 0].to(q.dtype)
         query_pos = 1 + torch.arange(num_blocks * G, device=q.device).view(num_blocks, G, 1)
         query_pos = query_pos.clamp(max=N)  # padded queries are dropped at the end
@@ -298,30 +273,27 @@ def _blocks(x, block_size):
 
 
 # --------------------------------------------------------------------------------------------
-# The same equations, fast on the CPU: batched products, a few heads at a time, and a
-# hand-written backward (impl="bmm")
+# The same equations, fast on the CPU: a few heads at a time, a hand-written backward (bmm)
 # --------------------------------------------------------------------------------------------
 
 CHUNK_BYTES = 8 * 2**20
-"""Largest temporary the CPU path allocates for a group of heads. glibc's malloc hands blocks over
-32 MB (its largest mmap threshold) straight back to the OS when they are freed, so a temporary that
-size is mapped and page-faulted in anew at every call; smaller freed blocks are mostly reused.
-Measured at T = 16 (12 heads of 64, G = 56, K = 4) in a plain process: one forward+backward
-page-faulted ~285 MB in with all heads at once (34-38 MB temporaries), ~30 MB with 8 MB chunks
-(2 heads), 45-90 MB with 16 MB chunks; 4 MB chunks faulted no less and cost more CPU time."""
+"""Largest temporary the CPU path allocates for a group of heads. glibc's malloc hands freed blocks
+over 32 MB (its largest mmap threshold) back to the OS, so a temporary that size is page-faulted in
+anew at every call; smaller freed blocks are mostly reused. Measured at T = 16 (12 heads of 64,
+G = 56, K = 4) in a plain process, one forward+backward page-faulted ~285 MB with all heads at once
+(34-38 MB temporaries), ~30 MB with 8 MB chunks (2 heads), 45-90 MB with 16 MB chunks; 4 MB chunks
+faulted no less and cost more CPU time."""
 
 
 def _heads_per_chunk(num_blocks, layout_width, block_size, head_dim, element_size):
     """Heads whose (N_b, G, K G) probabilities and (N_b, K G, D) gathered keys fit CHUNK_BYTES."""
-    keys = layout_width * block_size
-    per_head = num_blocks * keys * max(block_size, head_dim) * element_size
+    per_head = num_blocks * layout_width * block_size * max(block_size, head_dim) * element_size
     return max(1, CHUNK_BYTES // per_head)
 
 
 def _chunks(batch, heads, heads_per_chunk):
-    """Groups of (batch item, head) pairs, consecutive in (B H) order: whole batch items when
-    `heads_per_chunk` >= heads, otherwise up to `heads_per_chunk` heads of one item. Yields
-    (b0, b1, h0, h1): the items b0..b1-1 and their heads h0..h1-1."""
+    """(b0, b1, h0, h1): items b0..b1-1 and their heads h0..h1-1, consecutive in (B H) order; whole
+    items when `heads_per_chunk` >= heads, otherwise up to `heads_per_chunk` heads of one item."""
     if heads_per_chunk >= heads:
         items = heads_per_chunk // heads
         for b0 in range(0, batch, items):
@@ -338,9 +310,8 @@ def _padded(x, length):
 
 
 def _whole_blocks(x, block_size):
-    """x (B, H, 1 + N, D), contiguous -> (B H, N_b, G D): the regional tokens as whole blocks, rows
-    of G D numbers that index_select picks fastest on the CPU. A view of x when G divides N, a
-    zero-padded copy otherwise."""
+    """x (B, H, 1 + N, D), contiguous -> (B H, N_b, G D): regional tokens as rows of G D numbers,
+    which index_select picks fastest on the CPU; a view of x if G divides N, else a padded copy."""
     B, H, L, D = x.shape
     if (L - 1) % block_size:
         return _blocks(x[:, :, 1:], block_size).reshape(B * H, -1, block_size * D)
@@ -348,29 +319,22 @@ def _whole_blocks(x, block_size):
 
 
 class _BlockSparseAttention(torch.autograd.Function):
-    """`sparse_attention` as batched matrix products with a hand-written backward (impl="bmm").
+    """`plain_sparse_attention` as batched matrix products with a hand-written backward
+    (impl="bmm"), arranged for speed on the CPU:
 
-    The equations of `plain_sparse_attention`, arranged for speed on the CPU:
+    * heads and query blocks share one batch axis: each product is one ``bmm`` of G x D queries
+      against the K G keys of their K blocks;
+    * a few heads at a time (`_chunks`): no temporary passes CHUNK_BYTES, so the allocator reuses
+      freed blocks with no process-wide setting (~30 MB page-faulted a call at T = 16, not ~285 MB);
+    * the global edges (Eq. 9) apart, for all heads at once: the class column joins the blocks'
+      softmax as one more logit, so with the paper's (K, G) = (4, 56) the products run on 224
+      keys rather than 225, which the CPU's matrix kernels take ~25% faster;
+    * the softmax backward from delta = rowsum(dO * O), as FlashAttention, not a pass over P; the
+      gathered keys' and values' gradients added back by index_add over whole G x D blocks.
 
-    * heads and query blocks share one batch axis, so each product is one ``bmm`` over small
-      matrices: G x D queries against the K G keys of the query block's K blocks;
-    * the regional rows are computed a few heads at a time (`_chunks`), so that no temporary
-      passes CHUNK_BYTES: the allocator then mostly reuses freed blocks instead of mapping fresh
-      pages at every call (~30 MB page-faulted per call at T = 16 rather than ~285 MB), with no
-      process-wide allocator setting;
-    * the global edges (Eq. 9), the class token's row and its column, are computed apart for all
-      heads at once: the column joins the blocks' softmax as one more logit per query. With the
-      paper's (K, G) = (4, 56) the products then run on 224 keys rather than 225, which the CPU's
-      matrix kernels take ~25% faster;
-    * the softmax backward uses delta = rowsum(dO * O), as FlashAttention does, not a pass over P;
-    * gradients of the gathered keys and values are added back block by block (index_add over
-      whole G x D blocks), into buffers that the class row's outer products start.
-
-    Saved for backward: the scaled query blocks, k, v, the probabilities P of the block edges
-    (one (heads N_b, G, K G) tensor per chunk), the class column's and the class row's
-    probabilities, and the output, laid out as the output projection keeps it: O(N (K G + D)) per
-    head. The gathered keys and values are gathered again in backward rather than kept: they are
-    K times the size of k.
+    Saved for backward, O(N (K G + D)) a head: the scaled query blocks, k, v, the block edges'
+    probabilities (one (heads N_b, G, K G) tensor per chunk), the class column's and row's, and the
+    output; the gathered keys and values, K times the size of k, are gathered again, not kept.
     """
 
     @staticmethod
@@ -427,16 +391,14 @@ class _BlockSparseAttention(torch.autograd.Function):
             all_probs.append(probs)
         block_out.view(BH, -1, D).baddbmm_(col_probs.view(BH, -1, 1), v_cls)  # + the class value
 
-        # the output is laid out (B, 1 + N, H, D), the layout the output projection reads, so the
-        # tensor saved here is the one that projection keeps
+        # (B, 1 + N, H, D), as the output projection reads it: the saved tensor is the one it keeps
         out = torch.empty(B, L, H, D, dtype=q.dtype, device=q.device)
         out[:, 0] = cls_out.view(B, H, D)
         out[:, 1:] = block_out.view(B, H, -1, D)[:, :, :N].transpose(1, 2)
         out = out.transpose(1, 2)  # (B, H, 1 + N, D)
         ctx.save_for_backward(q_cls, q_blocks, k, v, layout, row_probs, col_probs, out, *all_probs)
         ctx.block_size, ctx.heads_per_chunk = G, heads_per_chunk
-        ctx.bias_shapes = [None if b is None else b.shape
-                           for b in (row_bias, column_bias, block_bias)]
+        ctx.bias_shapes = [getattr(b, "shape", None) for b in (row_bias, column_bias, block_bias)]
         return out, row_probs.view(B, H, L)[:, :, 1:].clone()
 
     @staticmethod
@@ -466,8 +428,7 @@ class _BlockSparseAttention(torch.autograd.Function):
         # --- the class column and the softmax's delta, for all heads at once (small tensors).
         # dO: (B H, N_b, G, D), zero on padded queries.
         d_block = _blocks(grad_out[:, :, 1:], G).reshape(BH, num_blocks, G, D).contiguous()
-        d_col_probs = torch.bmm(d_block.view(BH, -1, D), v_cls.transpose(1, 2))
-        d_col_probs = d_col_probs.view(col_probs.shape)
+        d_col_probs = torch.bmm(d_block.view(BH, -1, D), v_cls.transpose(1, 2)).view_as(col_probs)
         # softmax backward: dS = P (dP - rowsum(P dP)), and rowsum(P dP) = rowsum(dO O)
         delta = (grad_out[:, :, 1:] * out[:, :, 1:]).sum(dim=-1, keepdim=True)  # (B, H, N, 1)
         delta = _blocks(delta, G).reshape(BH, num_blocks, G, 1)
@@ -509,11 +470,9 @@ class _BlockSparseAttention(torch.autograd.Function):
         d_q[:, :, 0] = torch.bmm(d_row_logits, k.view(BH, L, D)).view(B, H, D) * scale
         torch.mul(d_q_blocks.view(B, H, -1, D)[:, :, :N], scale, out=d_q[:, :, 1:])
 
-        d_biases = [None, None, None]
         grads = (d_row_logits, d_col_logits, d_block_logits if need_block_bias else None)
-        for i, (grad, shape) in enumerate(zip(grads, ctx.bias_shapes)):
-            if ctx.needs_input_grad[6 + i]:
-                d_biases[i] = grad.reshape(B, H, *shape[2:]).sum_to_size(shape)
+        d_biases = [g.reshape(B, H, *shape[2:]).sum_to_size(shape) if needed else None
+                    for g, shape, needed in zip(grads, ctx.bias_shapes, ctx.needs_input_grad[6:])]
         return (d_q, d_k[:, :L].view(B, H, L, D), d_v[:, :L].view(B, H, L, D), None, None, None,
                 *d_biases)
 
