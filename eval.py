@@ -414,7 +414,8 @@ def main(argv=None):
         print(f"wrote {png}")
     else:
         result.update(evaluate(model, dataset, tokenizer, device, **common))
-        print_metrics(f"zero-shot retrieval, {len(dataset.captions)} captions x "
+        kind = "zero-shot" if run.get("task", "pretrain") == "pretrain" else "fine-tuned"
+        print_metrics(f"{kind} retrieval, {len(dataset.captions)} captions x "
                       f"{len(dataset.videos)} videos "
                       f"(VTC; VTM re-ranking of the top {args.k})", {"vtc": result["vtc"],
                                                                      "vtm": result["vtm"]})

@@ -51,3 +51,21 @@ def test_flex_candidate_computes_the_sparse_edges():
         out = bench.flex_sparse_attention(q, k, v, G, layout, mask, padded)
         ref = sparse_attention(q, k, v, G, layout, impl="einsum")[0]
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_order_probe_labels_follow_the_caption_order():
+    """A clip's reversal swaps the events and their directions: the probe's labels must too."""
+    import importlib.util
+
+    from synthetic import COLOURS, DIRECTIONS, SHAPES
+
+    spec = importlib.util.spec_from_file_location("order_probe",
+                                                  ROOT / "benchmarks" / "order_probe.py")
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    forward = probe.attribute_labels("a red circle moves down, then a yellow triangle moves up")
+    backward = probe.attribute_labels("a yellow triangle moves down, then a red circle moves up")
+    colours, shapes, directions = list(COLOURS), list(SHAPES), list(DIRECTIONS)
+    assert forward == [colours.index("red"), shapes.index("circle"), directions.index("down"),
+                       colours.index("yellow"), shapes.index("triangle"), directions.index("up")]
+    assert backward == forward[3:5] + [forward[2]] + forward[:2] + [forward[5]]

@@ -1,0 +1,158 @@
+"""Diagnostic: can a video encoder learn, in a few hundred steps, what the synthetic captions say?
+
+Trains a video encoder with a linear head per caption attribute (the first and second event's
+colour, shape and direction) by cross-entropy on the synthetic train split, then prints the test
+accuracy of each attribute with the frames in order and reversed. No text encoder, no contrastive
+loss: the upper bound of what the encoder can give VTC in the same number of steps.
+
+What needs order: a bag of frames knows which two colours and shapes appear but not which came
+first (chance 50% once both are known), nor which way anything moved (chance 25%: a clip and its
+reversal hold the same frames). Reversing the frames swaps the events and the directions, so an
+encoder that reads order scores near 0 on first-event attributes of reversed clips.
+
+    python benchmarks/order_probe.py                        # the tiny preset's ViT (model.py)
+    python benchmarks/order_probe.py --encoder cnn          # a small per-frame CNN whose head sees
+                                                            # every (t, h, w) feature: a reference
+    python benchmarks/order_probe.py --set vision_layers=4 keep_rate_v=1.0 --lr 1e-3
+"""
+import argparse
+import ast
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import data  # noqa: E402
+from config import preset  # noqa: E402
+from model import VideoEncoder  # noqa: E402
+from synthetic import COLOURS, DIRECTIONS, SHAPES, ensure_synthetic, parse_caption  # noqa: E402
+
+ATTRIBUTES = ("colour 1", "shape 1", "direction 1", "colour 2", "shape 2", "direction 2")
+VALUES = (list(COLOURS), list(SHAPES), list(DIRECTIONS)) * 2
+
+
+def attribute_labels(caption):
+    """The six class numbers of a two-event synthetic caption, in ATTRIBUTES' order."""
+    (c1, s1, d1), (c2, s2, d2) = parse_caption(caption)
+    return [values.index(v) for values, v in zip(VALUES, (c1, s1, d1, c2, s2, d2))]
+
+
+def decode_split(annotation, video_root):
+    """Every frame of every clip, uint8 (clips, frames, H, W, 3), and their labels (clips, 6)."""
+    entries = data.load_annotation(annotation)
+    clips, labels = [], []
+    for entry in entries:
+        path = str(Path(video_root) / entry["video"])
+        reader = data.open_video(path)
+        clips.append(data.read_frames(reader, range(len(reader)), path))
+        labels.append(attribute_labels(entry["caption"]))
+    return torch.from_numpy(np.stack(clips)), torch.tensor(labels)
+
+
+class FrameCNN(nn.Module):
+    """Reference encoder: three stride-2 convolutions per frame, then an MLP over the features of
+    every (t, h, w) cell, so position and time reach the head directly."""
+
+    def __init__(self, frames, width=128):
+        super().__init__()
+        self.frames = nn.Sequential(nn.Conv2d(3, 32, 5, 2, 2), nn.ReLU(),
+                                    nn.Conv2d(32, 64, 3, 2, 1), nn.ReLU(),
+                                    nn.Conv2d(64, 64, 3, 2, 1), nn.ReLU(), nn.AdaptiveAvgPool2d(7))
+        self.head = nn.Sequential(nn.Linear(frames * 64 * 49, 256), nn.ReLU(),
+                                  nn.Linear(256, width))
+
+    def forward(self, video):  # (B, T, 3, S, S) -> (B, width)
+        return self.head(self.frames(video.flatten(0, 1)).reshape(video.shape[0], -1))
+
+
+def make_batch(clips, index, frames, train, generator, mean, std, reverse=False):
+    videos = []
+    for i in index.tolist():
+        picked = data.sample_frame_indices(clips.shape[1], frames, train, generator)
+        video = clips[i, picked[::-1] if reverse else picked].numpy()
+        videos.append(data.transform_frames(video, image_size=112, train=False, mean=mean, std=std))
+    return torch.stack(videos)
+
+
+def run(args):
+    torch.manual_seed(args.seed)
+    overrides = {k: ast.literal_eval(v) for k, v in (kv.split("=", 1) for kv in args.set)}
+    config = preset("tiny", frames=args.frames, **overrides)
+    if args.encoder == "vit":
+        vit = VideoEncoder(config)
+        encoder, width = (lambda video: vit(video)[2]), config.vision_width
+        modules = [vit]
+    else:
+        cnn = FrameCNN(args.frames)
+        encoder, width, modules = cnn, 128, [cnn]
+    sizes = [len(v) for v in VALUES]
+    head = nn.Linear(width, sum(sizes))
+    modules.append(head)
+    params = [p for m in modules for p in m.parameters()]
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.02)
+    paths = ensure_synthetic()
+    start = time.perf_counter()
+    train_clips, train_labels = decode_split(paths["train"], paths["video_root"])
+    test_clips, test_labels = decode_split(paths["test"], paths["video_root"])
+    print(f"decoded {len(train_clips)} train and {len(test_clips)} test clips in "
+          f"{time.perf_counter() - start:.0f} s")
+    generator = torch.Generator().manual_seed(args.seed)
+
+    def batch(clips, index, train, reverse=False):
+        return make_batch(clips, index, args.frames, train, generator, config.image_mean,
+                          config.image_std, reverse)
+
+    start = time.perf_counter()
+    for step in range(args.steps):
+        warm = min(1.0, (step + 1) / max(1, args.steps // 15))
+        for group in optimizer.param_groups:
+            group["lr"] = args.lr * warm * 0.5 * (1 + np.cos(np.pi * step / args.steps))
+        for m in modules:
+            m.train()
+        index = torch.randint(len(train_clips), (args.batch_size,), generator=generator)
+        logits = head(encoder(batch(train_clips, index, train=True))).split(sizes, dim=1)
+        loss = sum(F.cross_entropy(z, train_labels[index, j]) for j, z in enumerate(logits))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if step % 50 == 0 or step == args.steps - 1:
+            print(f"step {step}: loss {loss.item():.3f} ({time.perf_counter() - start:.0f} s)",
+                  flush=True)
+    for m in modules:
+        m.eval()
+    print(f"\n{args.encoder}, T={args.frames}, {args.steps} steps of {args.batch_size}, "
+          f"lr {args.lr}: test accuracy (%)")
+    print(f"{'':>10}" + "".join(f"{a:>13}" for a in ATTRIBUTES))
+    for reverse in (False, True):
+        correct = torch.zeros(len(sizes))
+        with torch.no_grad():
+            for s in range(0, len(test_clips), 32):
+                index = torch.arange(s, min(s + 32, len(test_clips)))
+                logits = head(encoder(batch(test_clips, index, train=False, reverse=reverse)))
+                for j, z in enumerate(logits.split(sizes, dim=1)):
+                    correct[j] += (z.argmax(1) == test_labels[index, j]).sum()
+        accuracy = 100 * correct / len(test_clips)
+        print(f"{'reversed' if reverse else 'in order':>10}"
+              + "".join(f"{a:>13.1f}" for a in accuracy.tolist()))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--encoder", choices=["vit", "cnn"], default="vit")
+    p.add_argument("--frames", type=int, default=4)
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE",
+                   help="tiny-preset config overrides for the ViT, e.g. vision_layers=4")
+    run(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()
