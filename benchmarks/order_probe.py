@@ -14,6 +14,7 @@ encoder that reads order scores near 0 on first-event attributes of reversed cli
     python benchmarks/order_probe.py --encoder cnn          # a small per-frame CNN whose head sees
                                                             # every (t, h, w) feature: a reference
     python benchmarks/order_probe.py --set vision_layers=4 keep_rate_v=1.0 --lr 1e-3
+    python benchmarks/order_probe.py --readout tokens --set keep_rate_v=1.0  # heads on all tokens
 """
 import argparse
 import ast
@@ -85,7 +86,12 @@ def run(args):
     config = preset("tiny", frames=args.frames, **overrides)
     if args.encoder == "vit":
         vit = VideoEncoder(config)
-        encoder, width = (lambda video: vit(video)[2]), config.vision_width
+        if args.readout == "tokens":  # every token's output at its place: needs no pruning
+            assert config.keep_rate_v == 1.0, "--readout tokens needs --set keep_rate_v=1.0"
+            encoder, width = (lambda video: vit(video)[0].flatten(1)), (
+                config.num_tokens * config.vision_width)
+        else:  # the clip's summary, the VTC feature (class token or mean, video_pooling)
+            encoder, width = (lambda video: vit(video)[2]), config.vision_width
         modules = [vit]
     else:
         cnn = FrameCNN(args.frames)
@@ -125,8 +131,8 @@ def run(args):
                   flush=True)
     for m in modules:
         m.eval()
-    print(f"\n{args.encoder}, T={args.frames}, {args.steps} steps of {args.batch_size}, "
-          f"lr {args.lr}: test accuracy (%)")
+    print(f"\n{args.encoder} ({args.readout}), T={args.frames}, {args.steps} steps of "
+          f"{args.batch_size}, lr {args.lr}: test accuracy (%)")
     print(f"{'':>10}" + "".join(f"{a:>13}" for a in ATTRIBUTES))
     for reverse in (False, True):
         correct = torch.zeros(len(sizes))
@@ -144,6 +150,9 @@ def run(args):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--encoder", choices=["vit", "cnn"], default="vit")
+    p.add_argument("--readout", choices=["pooled", "tokens"], default="pooled",
+                   help="ViT: heads on the clip's summary (the VTC feature) or on all its output "
+                        "tokens in place (a linear map of the (1 + N) x d output)")
     p.add_argument("--frames", type=int, default=4)
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--batch-size", type=int, default=32)
