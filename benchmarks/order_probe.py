@@ -71,12 +71,15 @@ class FrameCNN(nn.Module):
         return self.head(self.frames(video.flatten(0, 1)).reshape(video.shape[0], -1))
 
 
-def make_batch(clips, index, frames, train, generator, mean, std, reverse=False):
+def make_batch(clips, index, config, train, generator, reverse=False):
+    """(B, T, 3, S, S) clips: training samples a random frame per segment, test the middle ones;
+    frames resized whole (no crop), normalised as the model's config says."""
     videos = []
     for i in index.tolist():
-        picked = data.sample_frame_indices(clips.shape[1], frames, train, generator)
+        picked = data.sample_frame_indices(clips.shape[1], config.frames, train, generator)
         video = clips[i, picked[::-1] if reverse else picked].numpy()
-        videos.append(data.transform_frames(video, image_size=112, train=False, mean=mean, std=std))
+        videos.append(data.transform_frames(video, image_size=config.image_size, train=False,
+                                            mean=config.image_mean, std=config.image_std))
     return torch.stack(videos)
 
 
@@ -110,8 +113,7 @@ def run(args):
     generator = torch.Generator().manual_seed(args.seed)
 
     def batch(clips, index, train, reverse=False):
-        return make_batch(clips, index, args.frames, train, generator, config.image_mean,
-                          config.image_std, reverse)
+        return make_batch(clips, index, config, train, generator, reverse)
 
     start = time.perf_counter()
     for step in range(args.steps):
