@@ -86,10 +86,20 @@ class VideoTextCollate:
             "mlm_input_ids": mlm_input_ids,                            # (B, L)
             "mlm_labels": mlm_labels,                                  # (B, L), -100: no loss
             "video_id": torch.tensor([item["video_id"] for item in items], dtype=torch.long),
+            # the group of each item as a number within the batch; -1 where it has none
+            "group_id": batch_group_ids([item.get("group") for item in items]),
             "paths": [item["path"] for item in items],
             "captions": captions,
             "skipped": [path for item in items for path in item["skipped"]],
         }
+
+
+def batch_group_ids(groups):
+    """(B,) long: items of one group share a number (0, 1, ... in order of first appearance), and
+    items without a group (None) get -1."""
+    numbers = {}
+    return torch.tensor([-1 if g is None else numbers.setdefault(g, len(numbers)) for g in groups],
+                        dtype=torch.long)
 
 
 def make_collate(tokenizer, *, text_len=32, mlm_probability=0.15, seed=None):

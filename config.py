@@ -56,6 +56,9 @@ class SViTTConfig:
     text_pooling: str = "cls"          # what stands for a caption in VTC, VTM and Eq. 12: its class
                                        # token ("cls"), or the mean of its tokens ("mean") for text
                                        # encoders trained that way (MiniLM)
+    vtm_pooling: str | None = "cls"    # what of f_m's output the VTM head reads: its class token
+                                       # (Sec. A.3), or None for text_pooling (what checkpoints
+                                       # written before this field trained with)
     text_config: dict = field(default_factory=dict)  # the BERT config, filled in when built
     # heads and losses
     embed_dim: int = 256               # joint space of VTC
@@ -65,6 +68,10 @@ class SViTTConfig:
     vtc_gather: bool = True            # VTC negatives from all ranks' clips (Eq. 29 over the batch
                                        # B of Table 9); False: each GPU's own (the authors' code)
     hard_negatives: bool = True        # VTM negatives drawn by VTC similarity (Singularity, ALBEF)
+    vtm_group_negatives: bool = False  # where a batch carries groups (the `group` key), VTM's
+                                       # negatives come from the item's own group when it has
+                                       # another video in the batch: the counterfactual clips and
+                                       # captions that only order tells apart
     vtm_negative_videos: bool = False  # Eq. 30: each clip with a negative caption (2B pairs); True
                                        # adds each caption with a negative clip (3B, authors' code)
     vtm_score: str = "log_softmax"     # retrieval re-ranking by log p(match) ("log_softmax") or the
@@ -76,6 +83,7 @@ class SViTTConfig:
 
     def __post_init__(self):
         for name, allowed in (("text_pooling", ("cls", "mean")), ("video_pooling", ("cls", "mean")),
+                              ("vtm_pooling", ("cls", "mean", None)),
                               ("vtc_directions", ("sum", "mean")),
                               ("vtm_score", ("log_softmax", "logit"))):
             if getattr(self, name) not in allowed:
@@ -95,6 +103,7 @@ class SViTTConfig:
     @classmethod
     def from_dict(cls, d):
         known = {f.name for f in fields(cls)}
+        d = {"vtm_pooling": None, **d}  # written before the field: VTM read text_pooling
         unknown = sorted(set(d) - known)
         assert not unknown, f"config has keys this version does not know: {unknown}"
         return cls(**d)

@@ -372,7 +372,7 @@ class VideoTextDataset(torch.utils.data.Dataset):
                 current = self.replacement_index(index, attempt)
                 continue
             return {"video": video, "caption": caption, "video_id": video_id, "path": path,
-                    "skipped": skipped, "seed": seed}
+                    "group": self.video_groups[video_id], "skipped": skipped, "seed": seed}
         raise VideoReadError(
             skipped[-1], f"item {index} of {self.annotation_name} and its replacements are all "
                          f"unreadable: {', '.join(skipped)}")

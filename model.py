@@ -333,9 +333,12 @@ class SViTT(nn.Module):
             x, _ = layer(x, mask)
         return x, F.normalize(self.text_proj(self.pool(x, attention_mask)), dim=-1)
 
-    def pool(self, x, attention_mask):
-        """The sequence's summary: its class token, or the mean of its tokens (text_pooling)."""
-        if self.config.text_pooling == "mean":
+    def pool(self, x, attention_mask, pooling=None):
+        """The sequence's summary: its class token, or the mean of its tokens (`pooling`, by
+        default text_pooling, VTC's choice). VTM reads f_m's class token (vtm_pooling): the mean
+        of MiniLM's tokens is what the caption says, which cross-attention barely moves, while its
+        class token, nearly the same for every caption, is free to become the match summary."""
+        if (pooling or self.config.text_pooling) == "mean":
             weights = attention_mask[:, :, None].to(x.dtype)
             return (x * weights).sum(1) / weights.sum(1)
         return x[:, 0]
@@ -364,7 +367,8 @@ class SViTT(nn.Module):
 
     def match_logits(self, text, attention_mask, video):
         """VTM logits (B, 2) for (text, video) pairs."""
-        return self.vtm_head(self.pool(self.fuse(text, attention_mask, video), attention_mask))
+        return self.vtm_head(self.pool(self.fuse(text, attention_mask, video), attention_mask,
+                                       self.config.vtm_pooling))
 
     # ---- training forward ----------------------------------------------------------------
     def forward(self, batch, generator=None):
@@ -405,6 +409,14 @@ class SViTT(nn.Module):
                 weights_t2v = (text_feat @ video_feat.T * scale).softmax(1)  # (caption, clip)
             else:  # drawn uniformly
                 weights = weights_t2v = torch.ones_like(same_video, dtype=video_feat.dtype)
+            if self.config.vtm_group_negatives and "group_id" in batch:
+                # from the item's own group where another of its videos is in the batch: the same
+                # scene in another order, which only the order of events tells apart
+                group = batch["group_id"]
+                same_group = (group[:, None] == group[None, :]) & (group[:, None] >= 0)
+                has_mate = (same_group & ~same_video).any(1, keepdim=True)
+                weights = torch.where(has_mate, weights * same_group, weights)
+                weights_t2v = torch.where(has_mate, weights_t2v * same_group, weights_t2v)
             # never the clip's own caption nor another caption of its video, unless nothing else is
             # there
             fallback = 1e-12 * ~torch.eye(B, dtype=torch.bool, device=same_video.device)
@@ -422,7 +434,8 @@ class SViTT(nn.Module):
         fused = self.fuse(torch.cat(texts), masks, torch.cat(videos), record)
         vtm_labels = torch.zeros(len(texts) * B, dtype=torch.long, device=fused.device)
         vtm_labels[:B] = 1
-        loss_vtm = F.cross_entropy(self.vtm_head(self.pool(fused, masks)), vtm_labels)
+        loss_vtm = F.cross_entropy(self.vtm_head(self.pool(fused, masks, self.config.vtm_pooling)),
+                                   vtm_labels)
 
         if "mlm_labels" not in batch:  # retrieval fine-tuning (Sec. 5): VTC and VTM only
             return {"loss": loss_vtc + loss_vtm, "loss_vtc": loss_vtc, "loss_vtm": loss_vtm,

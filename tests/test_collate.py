@@ -60,3 +60,14 @@ def test_mlm_masking_rates(tokenizer):
     assert abs(unchanged.sum() / n - 0.1 * (1 + 1 / len(WORDS))) < 0.02
     assert abs(replaced.sum() / n - 0.1 * (1 - 1 / len(WORDS))) < 0.02
     assert not torch.isin(masked_ids[replaced], torch.tensor(tokenizer.all_special_ids)).any()
+
+
+def test_group_ids_number_the_groups_of_a_batch(tokenizer):
+    """Items of one group share a number, in order of first appearance; no group is -1."""
+    assert collate.batch_group_ids(["s/7", 3, "s/7", None, 3, "s/1"]).tolist() == [
+        0, 1, 0, -1, 1, 2]
+    items = [{"video": torch.zeros(1, 3, 8, 8), "caption": "a red square", "video_id": i,
+              "path": f"v{i}.mp4", "skipped": [], **({"group": g} if g is not None else {})}
+             for i, g in enumerate(["b", None, "b"])]
+    batch = collate.make_collate(tokenizer, text_len=6, seed=0)(items)
+    assert batch["group_id"].dtype == torch.long and batch["group_id"].tolist() == [0, -1, 0]

@@ -244,3 +244,71 @@ def test_sincos_pos_embed_tells_every_position_apart():
     torch.manual_seed(0)
     model = SViTT(preset("tiny", frames=4), pretrained=False)
     torch.testing.assert_close(model.video_encoder.pos_embed[0, 1:], table)
+
+
+def test_vtm_negatives_come_from_the_group(tokenizer):
+    """vtm_group_negatives: an item whose group has another video in the batch meets a negative
+    caption and a negative clip of that group only; an item with no group mate (or no group, -1)
+    draws from the whole batch, never its own."""
+    torch.manual_seed(0)
+    config = preset("tiny", frames=1, vtm_negative_videos=True, vtm_group_negatives=True)
+    model = SViTT(config)
+    words = ["red", "blue", "green", "yellow", "white", "purple"]
+    captions = [f"a {w} square moves left" for w in words]
+    enc = tokenizer(captions, padding="max_length", max_length=config.text_len,
+                    truncation=True, return_tensors="pt")
+    size = config.image_size
+    batch = {"video": torch.randn(6, 1, 3, size, size), "input_ids": enc.input_ids,
+             "attention_mask": enc.attention_mask, "video_id": torch.arange(6),
+             "group_id": torch.tensor([0, 0, 1, 1, 1, -1])}
+    mates = {0: {1}, 1: {0}, 2: {3, 4}, 3: {2, 4}, 4: {2, 3}, 5: {0, 1, 2, 3, 4}}
+    seen = []
+    model.multimodal_layers[0].register_forward_hook(
+        lambda module, args, kwargs, out: seen.append((args[0], kwargs["video"])),
+        with_kwargs=True)
+    with torch.no_grad():
+        for _ in range(10):  # uniform draws over the batch would leave the group most times
+            seen.clear()
+            model(batch)
+            text, video = seen[0]  # rows: positives, clips with negative captions, captions
+            for i in range(6):     # with negative clips
+                caption = [j for j in range(6) if torch.equal(text[6 + i], text[j])]
+                clip = [j for j in range(6) if torch.equal(video[12 + i], video[j])]
+                assert len(caption) == len(clip) == 1
+                assert caption[0] in mates[i] and clip[0] in mates[i]
+    # without groups in the batch, or with the option off, negatives leave the group
+    config_off = preset("tiny", frames=1, vtm_negative_videos=True, vtm_group_negatives=False)
+    model_off = SViTT(config_off)
+    model_off.load_state_dict(model.state_dict())
+    model_off.multimodal_layers[0].register_forward_hook(
+        lambda module, args, kwargs, out: seen.append((args[0], kwargs["video"])),
+        with_kwargs=True)
+    outside = 0  # draws of item 0 (group mate: item 1) whose negative caption is another item
+    with torch.no_grad():
+        for _ in range(10):
+            seen.clear()
+            model_off(batch)
+            text, _ = seen[0]
+            outside += not torch.equal(text[6], text[1])
+    assert outside > 0
+
+
+@pytest.mark.parametrize("vtm_pooling", ["cls", None])
+def test_vtm_reads_the_multimodal_class_token(tokenizer, vtm_pooling):
+    """VTM's head reads f_m's class token (vtm_pooling="cls") even where VTC reads the mean of the
+    text tokens (text_pooling="mean", the tiny preset); None follows text_pooling."""
+    torch.manual_seed(0)
+    config = preset("tiny", frames=1, text_pooling="mean", vtm_pooling=vtm_pooling)
+    model = SViTT(config).eval()
+    fused, head_input = [], []
+    model.multimodal_layers[-1].register_forward_hook(lambda m, a, out: fused.append(out[0]))
+    model.vtm_head.register_forward_hook(lambda m, a, out: head_input.append(a[0]))
+    batch = make_batch(tokenizer, config)
+    with torch.no_grad():
+        model(batch)
+    x = fused[0][:3]  # the positive pairs, with their own captions' masks
+    mask = batch["attention_mask"][:, :, None].float()
+    mean = (x * mask).sum(1) / mask.sum(1)
+    expected = x[:, 0] if vtm_pooling == "cls" else mean
+    assert torch.allclose(head_input[0][:3], expected)
+    assert not torch.allclose(x[:, 0], mean)

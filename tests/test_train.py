@@ -217,8 +217,11 @@ def test_text_side_trains_at_its_own_learning_rate():
     named = dict(model.named_parameters())
     assert lr_of[id(named["embeddings.word_embeddings.weight"])] == pytest.approx(5e-5)
     assert lr_of[id(named["text_layers.0.attention.query.weight"])] == pytest.approx(5e-5)
-    cross = named["multimodal_layers.0.crossattention.query.weight"]
-    assert lr_of[id(cross)] == pytest.approx(1e-3)
+    # f_m, its BERT layers included, learns fusion at the full rate
+    for name in ("multimodal_layers.0.crossattention.query.weight",
+                 "multimodal_layers.0.attention.query.weight", "multimodal_layers.2.output.weight"):
+        assert lr_of[id(named[name])] == pytest.approx(1e-3)
+    assert lr_of[id(named["mlm_head.predictions.transform.dense.weight"])] == pytest.approx(5e-5)
     assert lr_of[id(named["video_encoder.blocks.0.mlp.0.weight"])] == pytest.approx(1e-3)
     assert lr_of[id(named["text_proj.weight"])] == pytest.approx(1e-3)
     assert len(lr_of) == sum(p.requires_grad for p in model.parameters())
