@@ -365,10 +365,10 @@ class SViTT(nn.Module):
                                           self.config.keep_rate_m)
         return (x, kept) if return_kept else x
 
-    def match_logits(self, text, attention_mask, video):
-        """VTM logits (B, 2) for (text, video) pairs."""
-        return self.vtm_head(self.pool(self.fuse(text, attention_mask, video), attention_mask,
-                                       self.config.vtm_pooling))
+    def match_logits(self, text, attention_mask, video, record=None):
+        """VTM logits (B, 2) for (text, video) pairs: the head on f_m's vtm_pooling summary."""
+        return self.vtm_head(self.pool(self.fuse(text, attention_mask, video, record),
+                                       attention_mask, self.config.vtm_pooling))
 
     # ---- training forward ----------------------------------------------------------------
     def forward(self, batch, generator=None):
@@ -431,11 +431,10 @@ class SViTT(nn.Module):
             masks.append(mask)
             videos.append(video_tokens[negative_video])
         masks = torch.cat(masks)
-        fused = self.fuse(torch.cat(texts), masks, torch.cat(videos), record)
-        vtm_labels = torch.zeros(len(texts) * B, dtype=torch.long, device=fused.device)
+        logits = self.match_logits(torch.cat(texts), masks, torch.cat(videos), record)
+        vtm_labels = torch.zeros(len(texts) * B, dtype=torch.long, device=logits.device)
         vtm_labels[:B] = 1
-        loss_vtm = F.cross_entropy(self.vtm_head(self.pool(fused, masks, self.config.vtm_pooling)),
-                                   vtm_labels)
+        loss_vtm = F.cross_entropy(logits, vtm_labels)
 
         if "mlm_labels" not in batch:  # retrieval fine-tuning (Sec. 5): VTC and VTM only
             return {"loss": loss_vtc + loss_vtm, "loss_vtc": loss_vtc, "loss_vtm": loss_vtm,
