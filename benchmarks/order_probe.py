@@ -15,6 +15,8 @@ encoder that reads order scores near 0 on first-event attributes of reversed cli
                                                             # every (t, h, w) feature: a reference
     python benchmarks/order_probe.py --set vision_layers=4 keep_rate_v=1.0 --lr 1e-3
     python benchmarks/order_probe.py --readout tokens --set keep_rate_v=1.0  # heads on all tokens
+    python benchmarks/order_probe.py --head mlp             # a hidden layer of 512 before the heads
+    python benchmarks/order_probe.py --random-positions 0.6 # positions not split into t, h, w
 """
 import argparse
 import ast
@@ -89,6 +91,12 @@ def run(args):
     config = preset("tiny", frames=args.frames, **overrides)
     if args.encoder == "vit":
         vit = VideoEncoder(config)
+        if args.random_positions:  # one random vector per (t, h, w): no time, row, column split
+            # its own generator, so that the rest of the run draws what it draws without the flag
+            draw = torch.Generator().manual_seed(1234 + args.seed)
+            with torch.no_grad():
+                vit.pos_embed.copy_(torch.randn(vit.pos_embed.shape, generator=draw)
+                                    * args.random_positions)
         if args.readout == "tokens":  # every token's output at its place: needs no pruning
             assert config.keep_rate_v == 1.0, "--readout tokens needs --set keep_rate_v=1.0"
             encoder, width = (lambda video: vit(video)[0].flatten(1)), (
@@ -100,7 +108,10 @@ def run(args):
         cnn = FrameCNN(args.frames)
         encoder, width, modules = cnn, 128, [cnn]
     sizes = [len(v) for v in VALUES]
-    head = nn.Linear(width, sum(sizes))
+    if args.head == "mlp":  # is the answer in the summary, if not linearly?
+        head = nn.Sequential(nn.Linear(width, 512), nn.GELU(), nn.Linear(512, sum(sizes)))
+    else:
+        head = nn.Linear(width, sum(sizes))
     modules.append(head)
     params = [p for m in modules for p in m.parameters()]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.02)
@@ -133,8 +144,8 @@ def run(args):
                   flush=True)
     for m in modules:
         m.eval()
-    print(f"\n{args.encoder} ({args.readout}), T={args.frames}, {args.steps} steps of "
-          f"{args.batch_size}, lr {args.lr}: test accuracy (%)")
+    print(f"\n{args.encoder} ({args.readout}, {args.head} head), T={args.frames}, "
+          f"{args.steps} steps of {args.batch_size}, lr {args.lr}: test accuracy (%)")
     print(f"{'':>10}" + "".join(f"{a:>13}" for a in ATTRIBUTES))
     for reverse in (False, True):
         correct = torch.zeros(len(sizes))
@@ -155,6 +166,10 @@ def main(argv=None):
     p.add_argument("--readout", choices=["pooled", "tokens"], default="pooled",
                    help="ViT: heads on the clip's summary (the VTC feature) or on all its output "
                         "tokens in place (a linear map of the (1 + N) x d output)")
+    p.add_argument("--head", choices=["linear", "mlp"], default="linear",
+                   help="a linear head per attribute, or an MLP (one hidden layer of 512, GELU)")
+    p.add_argument("--random-positions", type=float, default=0.0, metavar="STD",
+                   help="ViT: start the position embedding as N(0, STD^2) draws instead")
     p.add_argument("--frames", type=int, default=4)
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--batch-size", type=int, default=32)
