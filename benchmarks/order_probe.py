@@ -17,6 +17,7 @@ encoder that reads order scores near 0 on first-event attributes of reversed cli
     python benchmarks/order_probe.py --readout tokens --set keep_rate_v=1.0  # heads on all tokens
     python benchmarks/order_probe.py --head mlp             # a hidden layer of 512 before the heads
     python benchmarks/order_probe.py --random-positions 0.6 # positions not split into t, h, w
+    python benchmarks/order_probe.py --num-train 8000       # more training scenes (own folder)
 """
 import argparse
 import ast
@@ -35,6 +36,7 @@ from config import preset  # noqa: E402
 from model import VideoEncoder  # noqa: E402
 from synthetic import COLOURS, DIRECTIONS, SHAPES, ensure_synthetic, parse_caption  # noqa: E402
 
+DEFAULT_TRAIN_CLIPS = 1600  # ensure_synthetic's default
 ATTRIBUTES = ("colour 1", "shape 1", "direction 1", "colour 2", "shape 2", "direction 2")
 VALUES = (list(COLOURS), list(SHAPES), list(DIRECTIONS)) * 2
 
@@ -115,7 +117,10 @@ def run(args):
     modules.append(head)
     params = [p for m in modules for p in m.parameters()]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.02)
-    paths = ensure_synthetic()
+    if args.num_train == DEFAULT_TRAIN_CLIPS:  # the data train.py makes
+        paths = ensure_synthetic()
+    else:  # its own folder, so that the quickstart's data stays as it is
+        paths = ensure_synthetic(f"data/synthetic_{args.num_train}", num_train=args.num_train)
     start = time.perf_counter()
     train_clips, train_labels = decode_split(paths["train"], paths["video_root"])
     test_clips, test_labels = decode_split(paths["test"], paths["video_root"])
@@ -175,6 +180,8 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num-train", type=int, default=DEFAULT_TRAIN_CLIPS,
+                   help="synthetic training clips (test: the default 160)")
     p.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE",
                    help="tiny-preset config overrides for the ViT, e.g. vision_layers=4")
     run(p.parse_args(argv))
