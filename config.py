@@ -20,6 +20,10 @@ class SViTTConfig:
     frames: int = 4                    # T, frames per clip
     image_size: int = 112              # input side in pixels
     patch_size: int = 16               # patches of 16 x 16 pixels
+    stem: str = "patch"                # tokens from frames: BEiT's linear patch embedding
+                                       # ("patch", Eq. 1), or a convolutional stem with 3 x 3 x 3
+                                       # space-time kernels ("conv", model.ConvStem; the tiny
+                                       # preset's from-scratch ViT reads order with it)
     vision_width: int = 128            # d, token width
     vision_layers: int = 12            # L_v
     vision_heads: int = 2              # attention heads (64 wide each)
@@ -82,7 +86,8 @@ class SViTTConfig:
     beit_checkpoint: str = ""
 
     def __post_init__(self):
-        for name, allowed in (("text_pooling", ("cls", "mean")), ("video_pooling", ("cls", "mean")),
+        for name, allowed in (("stem", ("patch", "conv")),
+                              ("text_pooling", ("cls", "mean")), ("video_pooling", ("cls", "mean")),
                               ("vtm_pooling", ("cls", "mean", None)),
                               ("vtc_directions", ("sum", "mean")),
                               ("vtm_score", ("log_softmax", "logit"))):
@@ -103,7 +108,8 @@ class SViTTConfig:
     @classmethod
     def from_dict(cls, d):
         known = {f.name for f in fields(cls)}
-        d = {"vtm_pooling": None, **d}  # written before the field: VTM read text_pooling
+        # written before these fields: VTM read text_pooling, and frames became patches
+        d = {"vtm_pooling": None, "stem": "patch", **d}
         unknown = sorted(set(d) - known)
         assert not unknown, f"config has keys this version does not know: {unknown}"
         return cls(**d)
@@ -130,9 +136,11 @@ def preset(name, **overrides):
         # The video encoder is trained from scratch in minutes: LayerScale's 0.1 start slows that
         # start, so it is off. VTM negatives are drawn uniformly (Eq. 30): once VTC knows colours
         # and shapes, similarity picks the same scene played backwards, which a few minutes of
-        # training cannot yet tell apart
+        # training cannot yet tell apart. Its tokens come from a convolutional stem with space-time
+        # kernels (model.ConvStem): with the linear patch embedding the from-scratch ViT's summary
+        # does not learn which way anything moves in these minutes
         config = SViTTConfig(preset="tiny", text_pooling="mean", layer_scale=0.0,
-                             hard_negatives=False, pos_embed_init="sincos")
+                             hard_negatives=False, pos_embed_init="sincos", stem="conv")
     else:
         raise ValueError(f"unknown preset {name!r}: choose 'base' or 'tiny'")
     return replace(config, **overrides)

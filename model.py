@@ -150,6 +150,50 @@ def sincos_pos_embed(frames, grid, dim):
     return table.float()  # (T H W, dim), time-major as the tokens (Eq. 1)
 
 
+class ConvStem(nn.Module):
+    """A convolutional stem for a video encoder trained from scratch (`stem="conv"`): three
+    stride-2 convolutions per frame down to an (S/8)-side map, an average down to the patch grid
+    (S/p), then two 3 x 3 x 3 convolutions over (t, h, w), zero-padded in time, to the token width.
+    It gives (B, d, T, H', W'): one token per frame and grid cell, as the patch embedding does.
+
+    Not the paper's model (BEiT's 16 x 16 linear patch embedding, `stem="patch"`), and only for
+    the CPU preset, whose ViT starts from random weights: with the patch embedding, the clip's
+    summary (class token or mean) learns which colours appear but not which way anything moves
+    (`benchmarks/order_probe.py`), since nothing in it compares a place in one frame with a nearby
+    place in the next until attention has learned to. The stem's space-time kernels do that from
+    the first step, a learned filter per offset, as early convolutions help a ViT see (Xiao et al.,
+    2021) and MViT's space-time patch embedding does. The kernels are the same for any T, so the
+    4 -> 8 frame expansion carries them over as they are."""
+
+    def __init__(self, frames, image_size, patch_size, width, mid=(32, 64, 64, 128)):
+        super().__init__()
+        assert patch_size % 8 == 0 and image_size % patch_size == 0, \
+            f"the conv stem needs a patch size divisible by 8, got {patch_size}"
+        c1, c2, c3, c4 = mid
+        self.mid = mid
+        self.grid = image_size // patch_size
+        self.frame = nn.Sequential(nn.Conv2d(3, c1, 5, 2, 2), nn.ReLU(),
+                                   nn.Conv2d(c1, c2, 3, 2, 1), nn.ReLU(),
+                                   nn.Conv2d(c2, c3, 3, 2, 1), nn.ReLU(),
+                                   nn.AvgPool2d(patch_size // 8))
+        self.space_time = nn.Sequential(nn.Conv3d(c3, c4, 3, 1, 1), nn.ReLU(),
+                                        nn.Conv3d(c4, width, 3, 1, 1))
+
+    def forward(self, video):  # (B, T, 3, S, S) -> (B, d, T, H', W')
+        B = video.shape[0]
+        x = self.frame(rearrange(video, "b t c h w -> (b t) c h w"))  # (B T, c3, H', W')
+        return self.space_time(rearrange(x, "(b t) c h w -> b c t h w", b=B))
+
+    def flops(self, frames, image_size):
+        """Forward FLOPs of one clip (2 per multiply-add, as torch.utils.flop_counter counts)."""
+        c1, c2, c3, c4 = self.mid
+        s1, s2, s3, g = image_size // 2, image_size // 4, image_size // 8, self.grid
+        width = self.space_time[-1].out_channels
+        per_frame = (s1 ** 2 * c1 * 3 * 25 + s2 ** 2 * c2 * c1 * 9 + s3 ** 2 * c3 * c2 * 9
+                     + g ** 2 * 27 * (c4 * c3 + width * c4))
+        return 2 * frames * per_frame
+
+
 class VideoEncoder(nn.Module):
     """f_v: patch embedding, 3D positions, sparse blocks with token pruning (Eq. 1-11)."""
 
@@ -157,7 +201,11 @@ class VideoEncoder(nn.Module):
         super().__init__()
         self.config = config
         d = config.vision_width
-        self.patch_embed = nn.Conv2d(3, d, kernel_size=config.patch_size, stride=config.patch_size)
+        if config.stem == "conv":  # the CPU preset's from-scratch encoder (see ConvStem)
+            self.patch_embed = ConvStem(config.frames, config.image_size, config.patch_size, d)
+        else:  # Eq. 1: a linear map of each frame's p x p patches (BEiT's)
+            self.patch_embed = nn.Conv2d(3, d, kernel_size=config.patch_size,
+                                         stride=config.patch_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, d))
         # Eq. 21: P' (1 + T H W, d); used only when abs_pos_embed is set
         self.pos_embed = nn.Parameter(torch.zeros(1, config.num_tokens,
@@ -181,8 +229,11 @@ class VideoEncoder(nn.Module):
         B, T = video.shape[:2]
         assert T == self.config.frames, \
             f"the model takes {self.config.frames} frames, the clip has {T}"
-        x = self.patch_embed(rearrange(video, "b t c h w -> (b t) c h w"))  # (B T, d, H', W')
-        x = rearrange(x, "(b t) d h w -> b (t h w) d", b=B)  # Eq. 1: time-major flattening
+        if isinstance(self.patch_embed, ConvStem):
+            x = rearrange(self.patch_embed(video), "b d t h w -> b (t h w) d")
+        else:
+            x = self.patch_embed(rearrange(video, "b t c h w -> (b t) c h w"))  # (B T, d, H', W')
+            x = rearrange(x, "(b t) d h w -> b (t h w) d", b=B)  # Eq. 1: time-major flattening
         x = torch.cat([self.cls_token.expand(B, -1, -1), x], dim=1)  # (B, 1 + N, d)
         if self.pos_embed is not None:
             x = x + self.pos_embed

@@ -86,8 +86,11 @@ def load_beit(video_encoder, path):
     authors' code starts its LayerNorm over BEiT's tokens."""
     from transformers import BeitModel
 
-    beit = BeitModel.from_pretrained(path)
     config, ours = video_encoder.config, video_encoder
+    if config.stem != "patch":
+        raise ValueError(f"BEiT weights ({path}) start a patch-embedding encoder; this config's "
+                         f"stem is {config.stem!r}: set stem='patch'")
+    beit = BeitModel.from_pretrained(path)
     bc = beit.config
     if (bc.hidden_size, bc.patch_size, bc.num_hidden_layers, bc.num_attention_heads) != (
             config.vision_width, config.patch_size, config.vision_layers, config.vision_heads):

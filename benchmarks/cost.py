@@ -145,7 +145,11 @@ def predicted_gflops(model, config):
     d, d_ff = config.vision_width, config.vision_width * config.mlp_ratio
     w, w_ff = model.config.text_config["hidden_size"], model.config.text_config["intermediate_size"]
     n_t = config.text_len
-    flops = 2 * (count.visual_tokens[0] - 1) * 3 * config.patch_size ** 2 * d  # patch embedding
+    stem = model.video_encoder.patch_embed
+    if hasattr(stem, "flops"):  # the convolutional stem (stem="conv")
+        flops = stem.flops(config.frames, config.image_size)
+    else:  # the linear patch embedding
+        flops = 2 * (count.visual_tokens[0] - 1) * 3 * config.patch_size ** 2 * d
     for n, e in zip(count.visual_tokens, count.visual):
         flops += 2 * n * (4 * d * d + 2 * d * d_ff) + 4 * e * d
     text_layer = 2 * n_t * (4 * w * w + 2 * w * w_ff) + 4 * n_t * n_t * w

@@ -207,9 +207,9 @@ def test_stochastic_depth_grows_over_the_layers():
 def test_video_features_depend_on_frame_order(mode):
     """Reversing a clip's frames changes its feature through the relative position bias over time
     (Eq. 26-27), and only through it: with a bias that ignores the time offset and no absolute
-    positions, the dense model sees a bag of frames."""
+    positions, the dense model with the linear patch embedding sees a bag of frames."""
     torch.manual_seed(0)
-    config = preset("tiny", frames=4, abs_pos_embed=False, **SPARSITY[mode])
+    config = preset("tiny", frames=4, abs_pos_embed=False, stem="patch", **SPARSITY[mode])
     model = SViTT(config, pretrained=False).eval()
     with torch.no_grad():
         for block in model.video_encoder.blocks:
@@ -230,6 +230,27 @@ def test_video_features_depend_on_frame_order(mode):
                 table = block.rel_pos.relative_position_bias_table
                 table.copy_(table[:1].expand_as(table))   # the same bias for every time offset
         torch.testing.assert_close(features(video), features(reversed_video), rtol=1e-4, atol=1e-5)
+
+
+def test_conv_stem_reads_the_order_of_frames():
+    """The conv stem's space-time kernels see the next and previous frame: the tokens of a reversed
+    clip are not the clip's tokens reversed in time. Its kernels do not depend on T, so an
+    8-frame encoder loads a 4-frame one's stem as it is (the expansion)."""
+    from model import ConvStem
+
+    torch.manual_seed(0)
+    stem = ConvStem(frames=4, image_size=112, patch_size=16, width=32).eval()
+    video = torch.randn(2, 4, 3, 112, 112, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        tokens, reversed_tokens = stem(video), stem(video.flip(1))  # (B, d, T, H', W')
+    assert tokens.shape == (2, 32, 4, 7, 7)
+    assert (tokens.flip(2) - reversed_tokens).abs().amax() > 1e-3
+    # a single frame repeated: the middle frames' tokens are the same either way
+    still = video[:, :1].expand(-1, 4, -1, -1, -1)
+    with torch.no_grad():
+        torch.testing.assert_close(stem(still)[:, :, 1:3], stem(still.flip(1))[:, :, 1:3])
+    eight = ConvStem(frames=8, image_size=112, patch_size=16, width=32)
+    eight.load_state_dict(stem.state_dict())
 
 
 def test_sincos_pos_embed_tells_every_position_apart():

@@ -21,7 +21,7 @@ def test_load_beit_inflates_2d_weights(tmp_path):
                 p.normal_()
     beit.save_pretrained(tmp_path / "beit")
     common = dict(image_size=32, vision_width=64, vision_layers=2, vision_heads=2, mlp_ratio=2.0,
-                  prune_after=[],
+                  prune_after=[], stem="patch",
                   block_size=None, keep_rate_v=1.0, abs_pos_embed=True, rel_pos_bias=True)
     # T = 1: the video encoder is the image model
     encoder = SViTT(preset("tiny", frames=1, beit_checkpoint=str(tmp_path / "beit"),
@@ -49,9 +49,14 @@ def test_load_beit_rejects_other_shapes(tmp_path):
     beit = BeitModel(BeitConfig(image_size=32, patch_size=16, hidden_size=32, num_hidden_layers=1,
                                 num_attention_heads=2, intermediate_size=64))
     beit.save_pretrained(tmp_path / "beit")
+    encoder = SViTT(preset("tiny", frames=1, image_size=32, vision_layers=2, prune_after=[],
+                           stem="patch"), pretrained=False).video_encoder
+    with pytest.raises(ValueError, match="width 32"):
+        load_beit(encoder, str(tmp_path / "beit"))
+    # the tiny preset's conv stem has no BEiT counterpart: the message names the folder and stem
     encoder = SViTT(preset("tiny", frames=1, image_size=32, vision_layers=2, prune_after=[]),
                     pretrained=False).video_encoder
-    with pytest.raises(ValueError, match="width 32"):
+    with pytest.raises(ValueError, match=r"beit.*stem is 'conv'"):
         load_beit(encoder, str(tmp_path / "beit"))
 
 
@@ -71,7 +76,7 @@ def test_mean_pooling_takes_beits_pooler_and_the_normalisation_follows_it(tmp_pa
     beit.save_pretrained(tmp_path / "beit")
     common = dict(image_size=32, vision_width=64, vision_layers=2, vision_heads=2, mlp_ratio=2.0,
                   prune_after=[], block_size=None, keep_rate_v=1.0, abs_pos_embed=False,
-                  beit_checkpoint=str(tmp_path / "beit"))
+                  stem="patch", beit_checkpoint=str(tmp_path / "beit"))
     image = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         theirs = beit(pixel_values=image).pooler_output
