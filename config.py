@@ -22,8 +22,9 @@ class SViTTConfig:
     patch_size: int = 16               # patches of 16 x 16 pixels
     stem: str = "patch"                # tokens from frames: BEiT's linear patch embedding
                                        # ("patch", Eq. 1), or a convolutional stem with 3 x 3 x 3
-                                       # space-time kernels ("conv", model.ConvStem; the tiny
-                                       # preset's from-scratch ViT reads order with it)
+                                       # space-time kernels ("conv", model.ConvStem: with it the
+                                       # from-scratch ViT's summary reads order in the order probe,
+                                       # not yet in the quickstart's VTC)
     vision_width: int = 128            # d, token width
     vision_layers: int = 12            # L_v
     vision_heads: int = 2              # attention heads (64 wide each)
@@ -136,11 +137,9 @@ def preset(name, **overrides):
         # The video encoder is trained from scratch in minutes: LayerScale's 0.1 start slows that
         # start, so it is off. VTM negatives are drawn uniformly (Eq. 30): once VTC knows colours
         # and shapes, similarity picks the same scene played backwards, which a few minutes of
-        # training cannot yet tell apart. Its tokens come from a convolutional stem with space-time
-        # kernels (model.ConvStem): with the linear patch embedding the from-scratch ViT's summary
-        # does not learn which way anything moves in these minutes
+        # training cannot yet tell apart
         config = SViTTConfig(preset="tiny", text_pooling="mean", layer_scale=0.0,
-                             hard_negatives=False, pos_embed_init="sincos", stem="conv")
+                             hard_negatives=False, pos_embed_init="sincos")
     else:
         raise ValueError(f"unknown preset {name!r}: choose 'base' or 'tiny'")
     return replace(config, **overrides)

@@ -156,14 +156,16 @@ class ConvStem(nn.Module):
     (S/p), then two 3 x 3 x 3 convolutions over (t, h, w), zero-padded in time, to the token width.
     It gives (B, d, T, H', W'): one token per frame and grid cell, as the patch embedding does.
 
-    Not the paper's model (BEiT's 16 x 16 linear patch embedding, `stem="patch"`), and only for
-    the CPU preset, whose ViT starts from random weights: with the patch embedding, the clip's
-    summary (class token or mean) learns which colours appear but not which way anything moves
-    (`benchmarks/order_probe.py`), since nothing in it compares a place in one frame with a nearby
-    place in the next until attention has learned to. The stem's space-time kernels do that from
-    the first step, a learned filter per offset, as early convolutions help a ViT see (Xiao et al.,
-    2021) and MViT's space-time patch embedding does. The kernels are the same for any T, so the
-    4 -> 8 frame expansion carries them over as they are."""
+    Not the paper's model (BEiT's 16 x 16 linear patch embedding, `stem="patch"`, the default of
+    both presets), an option for a ViT that starts from random weights: with the patch embedding,
+    the clip's summary (class token or mean) learns which colours appear but not which way
+    anything moves (`benchmarks/order_probe.py`), since nothing in it compares a place in one frame
+    with a nearby place in the next until attention has learned to. The stem's space-time kernels
+    do that from the first step, a learned filter per offset, as early convolutions help a ViT see
+    (Xiao et al., 2021) and MViT's space-time patch embedding does; in the probe the summary then
+    reads order. In the quickstart's 200 steps of VTC it learned less than the patch embedding
+    (the README's recipe table). The kernels are the same for any T, so the 4 -> 8 frame
+    expansion carries them over as they are."""
 
     def __init__(self, frames, image_size, patch_size, width, mid=(32, 64, 64, 128)):
         super().__init__()
@@ -178,11 +180,15 @@ class ConvStem(nn.Module):
                                    nn.AvgPool2d(patch_size // 8))
         self.space_time = nn.Sequential(nn.Conv3d(c3, c4, 3, 1, 1), nn.ReLU(),
                                         nn.Conv3d(c4, width, 3, 1, 1))
+        # each token normalised: out of five default-initialised convolutions the tokens would
+        # start at an RMS of about 0.02, 40 times below the sine-cosine positions added next
+        self.norm = nn.LayerNorm(width, eps=1e-6)
 
     def forward(self, video):  # (B, T, 3, S, S) -> (B, d, T, H', W')
         B = video.shape[0]
         x = self.frame(rearrange(video, "b t c h w -> (b t) c h w"))  # (B T, c3, H', W')
-        return self.space_time(rearrange(x, "(b t) c h w -> b c t h w", b=B))
+        x = self.space_time(rearrange(x, "(b t) c h w -> b c t h w", b=B))
+        return self.norm(x.movedim(1, -1)).movedim(-1, 1)
 
     def flops(self, frames, image_size):
         """Forward FLOPs of one clip (2 per multiply-add, as torch.utils.flop_counter counts)."""

@@ -11,7 +11,7 @@ reversal hold the same frames). Reversing the frames swaps the events and the di
 encoder that reads order scores near 0 on first-event attributes of reversed clips.
 
     python benchmarks/order_probe.py                        # the tiny preset's ViT (model.py)
-    python benchmarks/order_probe.py --set "stem='patch'"   # with the linear patch embedding
+    python benchmarks/order_probe.py --set "stem='conv'"    # a stem with space-time kernels
     python benchmarks/order_probe.py --encoder cnn          # a small per-frame CNN whose head sees
                                                             # every (t, h, w) feature: a reference
     python benchmarks/order_probe.py --set vision_layers=4 keep_rate_v=1.0 --lr 1e-3

@@ -251,6 +251,11 @@ def test_conv_stem_reads_the_order_of_frames():
         torch.testing.assert_close(stem(still)[:, :, 1:3], stem(still.flip(1))[:, :, 1:3])
     eight = ConvStem(frames=8, image_size=112, patch_size=16, width=32)
     eight.load_state_dict(stem.state_dict())
+    # its FLOP count (the cost table's) is the operator-level count
+    from torch.utils.flop_counter import FlopCounterMode
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        stem(video[:1])
+    assert abs(stem.flops(4, 112) / counter.get_total_flops() - 1) < 1e-6
 
 
 def test_sincos_pos_embed_tells_every_position_apart():

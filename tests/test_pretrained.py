@@ -53,9 +53,9 @@ def test_load_beit_rejects_other_shapes(tmp_path):
                            stem="patch"), pretrained=False).video_encoder
     with pytest.raises(ValueError, match="width 32"):
         load_beit(encoder, str(tmp_path / "beit"))
-    # the tiny preset's conv stem has no BEiT counterpart: the message names the folder and stem
-    encoder = SViTT(preset("tiny", frames=1, image_size=32, vision_layers=2, prune_after=[]),
-                    pretrained=False).video_encoder
+    # the conv stem has no BEiT counterpart: the message names the folder and the stem
+    encoder = SViTT(preset("tiny", frames=1, image_size=32, vision_layers=2, prune_after=[],
+                           stem="conv"), pretrained=False).video_encoder
     with pytest.raises(ValueError, match=r"beit.*stem is 'conv'"):
         load_beit(encoder, str(tmp_path / "beit"))
 
