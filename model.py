@@ -167,7 +167,7 @@ class ConvStem(nn.Module):
     (the README's recipe table). The kernels are the same for any T, so the 4 -> 8 frame
     expansion carries them over as they are."""
 
-    def __init__(self, frames, image_size, patch_size, width, mid=(32, 64, 64, 128)):
+    def __init__(self, image_size, patch_size, width, mid=(32, 64, 64, 128)):
         super().__init__()
         assert patch_size % 8 == 0 and image_size % patch_size == 0, \
             f"the conv stem needs a patch size divisible by 8, got {patch_size}"
@@ -207,8 +207,8 @@ class VideoEncoder(nn.Module):
         super().__init__()
         self.config = config
         d = config.vision_width
-        if config.stem == "conv":  # the CPU preset's from-scratch encoder (see ConvStem)
-            self.patch_embed = ConvStem(config.frames, config.image_size, config.patch_size, d)
+        if config.stem == "conv":  # an option for an encoder trained from scratch (ConvStem)
+            self.patch_embed = ConvStem(config.image_size, config.patch_size, d)
         else:  # Eq. 1: a linear map of each frame's p x p patches (BEiT's)
             self.patch_embed = nn.Conv2d(3, d, kernel_size=config.patch_size,
                                          stride=config.patch_size)

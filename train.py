@@ -160,8 +160,6 @@ def build(args, log_line):
         frames = args.frames or 4
         stage = finetune.stage_of(frames, args.preset or "tiny")
         overrides = {"beit_checkpoint": args.beit}
-        if args.beit:  # BEiT's weights come with its patch embedding
-            overrides["stem"] = "patch"
         if args.text_model:
             overrides["text_model"] = args.text_model
         config = stage_config(preset(args.preset or "tiny", **overrides), stage, args.dense)
