@@ -172,8 +172,7 @@ class ConvStem(nn.Module):
         assert patch_size % 8 == 0 and image_size % patch_size == 0, \
             f"the conv stem needs a patch size divisible by 8, got {patch_size}"
         c1, c2, c3, c4 = mid
-        self.mid = mid
-        self.grid = image_size // patch_size
+        self.mid, self.image_size, self.patch_size = mid, image_size, patch_size
         self.frame = nn.Sequential(nn.Conv2d(3, c1, 5, 2, 2), nn.ReLU(),
                                    nn.Conv2d(c1, c2, 3, 2, 1), nn.ReLU(),
                                    nn.Conv2d(c2, c3, 3, 2, 1), nn.ReLU(),
@@ -190,10 +189,11 @@ class ConvStem(nn.Module):
         x = self.space_time(rearrange(x, "(b t) c h w -> b c t h w", b=B))
         return self.norm(x.movedim(1, -1)).movedim(-1, 1)
 
-    def flops(self, frames, image_size):
+    def flops(self, frames):
         """Forward FLOPs of one clip (2 per multiply-add, as torch.utils.flop_counter counts)."""
         c1, c2, c3, c4 = self.mid
-        s1, s2, s3, g = image_size // 2, image_size // 4, image_size // 8, self.grid
+        size = self.image_size
+        s1, s2, s3, g = size // 2, size // 4, size // 8, size // self.patch_size
         width = self.space_time[-1].out_channels
         per_frame = (s1 ** 2 * c1 * 3 * 25 + s2 ** 2 * c2 * c1 * 9 + s3 ** 2 * c3 * c2 * 9
                      + g ** 2 * 27 * (c4 * c3 + width * c4))

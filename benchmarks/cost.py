@@ -147,7 +147,7 @@ def predicted_gflops(model, config):
     n_t = config.text_len
     stem = model.video_encoder.patch_embed
     if hasattr(stem, "flops"):  # the convolutional stem (stem="conv")
-        flops = stem.flops(config.frames, config.image_size)
+        flops = stem.flops(config.frames)
     else:  # the linear patch embedding
         flops = 2 * (count.visual_tokens[0] - 1) * 3 * config.patch_size ** 2 * d
     for n, e in zip(count.visual_tokens, count.visual):

@@ -22,6 +22,7 @@ encoder that reads order scores near 0 on first-event attributes of reversed cli
 """
 import argparse
 import ast
+import inspect
 import sys
 import time
 from pathlib import Path
@@ -37,7 +38,7 @@ from config import preset  # noqa: E402
 from model import VideoEncoder  # noqa: E402
 from synthetic import COLOURS, DIRECTIONS, SHAPES, ensure_synthetic, parse_caption  # noqa: E402
 
-DEFAULT_TRAIN_CLIPS = 1600  # ensure_synthetic's default
+DEFAULT_TRAIN_CLIPS = inspect.signature(ensure_synthetic).parameters["num_train"].default
 ATTRIBUTES = ("colour 1", "shape 1", "direction 1", "colour 2", "shape 2", "direction 2")
 VALUES = (list(COLOURS), list(SHAPES), list(DIRECTIONS)) * 2
 
