@@ -36,7 +36,7 @@ import finetune
 import qa
 from checkpoint import latest_checkpoint, load_checkpoint, load_model_state
 from config import SViTTConfig
-from metrics import group_accuracy, group_pairs, retrieval_metrics, spread
+from metrics import group_accuracy, group_pairs, retrieval_metrics, spread, token_spread
 from model import SViTT
 from pretrained import text_model_path
 from synthetic import ensure_synthetic
@@ -256,7 +256,8 @@ def evaluate(model, dataset, tokenizer, device, *, k, batch_size, workers, seed,
     t2v, v2t = rerank(model, feats, sim, k, device)
     truth = (dataset.ground_truth_matrix() if isinstance(dataset, downstream_data.RetrievalDataset)
              else feats["text_video"])  # several right videos per caption (SSv2 templates)
-    results = {"vtc": retrieval_metrics(sim, sim, truth), "vtm": retrieval_metrics(t2v, v2t, truth)}
+    results = {"vtc": retrieval_metrics(sim, sim, truth), "vtm": retrieval_metrics(t2v, v2t, truth),
+               "token_spread": token_spread(feats["video_tokens"])}
     pairs = group_pairs(feats["text_video"], dataset.video_groups)
     if len(pairs):
         matched = torch.full_like(sim, float("nan"))
@@ -419,6 +420,8 @@ def main(argv=None):
                       f"{len(dataset.videos)} videos "
                       f"(VTC; VTM re-ranking of the top {args.k})", {"vtc": result["vtc"],
                                                                      "vtm": result["vtm"]})
+        print(f"spread of the video tokens within a clip: {result['token_spread']:.3f} "
+              "(near 0: f_v gives every token of a clip the same vector)")
         if "spread" in result:
             print("cosine similarity of the joint space's features, within a group / across "
                   "groups: " + ", ".join(f"{side} {s['within']:.3f} / {s['across']:.3f}"

@@ -80,3 +80,15 @@ def spread(features, groups):
     same = label[:, None] == label[None, :]
     off_diagonal = ~torch.eye(len(label), dtype=torch.bool)
     return {"within": cos[same & off_diagonal].mean().item(), "across": cos[~same].mean().item()}
+
+
+def token_spread(tokens):
+    """How much the tokens of one clip differ: f_v's output tokens (B, n, d) after its final
+    LayerNorm, the standard deviation across a clip's regional tokens per channel, averaged over
+    channels and clips. About 0.3 to 0.5 for a working encoder; near 0 when every token of a clip
+    has become the same vector, which leaves f_m's cross-attention and Eq. 12's pruning nothing
+    to choose between (a video encoder trained from scratch without LayerScale does this: a
+    component shared by all tokens grows in the residual stream until the final LayerNorm keeps
+    little else)."""
+    regional = tokens[:, 1:].float()
+    return regional.std(1).mean().item()

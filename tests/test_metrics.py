@@ -54,6 +54,16 @@ def test_spread_within_and_across_groups():
     assert result["across"] == pytest.approx(((features[:2] @ features[2:4].T).mean()).item())
 
 
+def test_token_spread_ignores_the_class_token_and_sees_collapse():
+    # two clips of a class token and three regional tokens, d = 2
+    collapsed = torch.tensor([[[9.0, -9.0], [1.0, 2.0], [1.0, 2.0], [1.0, 2.0]],
+                              [[-5.0, 5.0], [3.0, 0.0], [3.0, 0.0], [3.0, 0.0]]])
+    assert metrics.token_spread(collapsed) == 0.0  # clips differ, tokens within each do not
+    varied = collapsed.clone()
+    varied[0, 1:, 0] = torch.tensor([0.0, 1.0, 2.0])  # std 1 in one of two channels of clip 0
+    assert metrics.token_spread(varied) == pytest.approx(0.25)
+
+
 def test_recall_with_several_right_videos():
     # caption 0: right videos 0 and 2; caption 1: right video 1
     gt = torch.tensor([[True, False, True, False], [False, True, False, False]])

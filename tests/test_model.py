@@ -223,7 +223,8 @@ def test_video_features_depend_on_frame_order(mode):
             return model.encode_video(clips, torch.Generator().manual_seed(0))[2]
 
     forward, backward = features(video), features(reversed_video)
-    assert (forward - backward).norm(dim=-1).min() > 1e-2
+    # LayerScale (0.1) scales each block's share; float noise is below 1e-5
+    assert (forward - backward).norm(dim=-1).min() > 1e-3
     if mode == "dense":
         with torch.no_grad():
             for block in model.video_encoder.blocks:
