@@ -85,7 +85,7 @@ def spread(features, groups):
 def token_spread(tokens):
     """How much the tokens of one clip differ: f_v's output tokens (B, n, d) after its final
     LayerNorm, the standard deviation across a clip's regional tokens per channel, averaged over
-    channels and clips. About 0.3 to 0.5 for a working encoder; near 0 when every token of a clip
+    channels and clips. About 0.3 to 0.6 for a working encoder; near 0 when every token of a clip
     has become the same vector, which leaves f_m's cross-attention and Eq. 12's pruning nothing
     to choose between (a video encoder trained from scratch without LayerScale does this: a
     component shared by all tokens grows in the residual stream until the final LayerNorm keeps
