@@ -232,13 +232,13 @@ def transform_frames(frames, *, image_size, train, mean=IMAGENET_MEAN, std=IMAGE
     """uint8 (T, H, W, 3) -> float (T, 3, image_size, image_size): (x / 255 - mean) / std.
 
     Training: one random resized crop shared by all frames of the clip (the object must stay the
-    same object), and with `flip` a horizontal flip of the whole clip with probability 1/2 (off by
-    default: it contradicts captions that say left or right); test time: a plain resize of the
-    whole frame. `mean` and `std` are the vision backbone's (the model config's image_mean and
-    image_std).
+    same object; none when crop_scale starts at 1: the whole frame, as at test time), and with
+    `flip` a horizontal flip of the whole clip with probability 1/2 (off by default: it contradicts
+    captions that say left or right); test time: a plain resize of the whole frame. `mean` and
+    `std` are the vision backbone's (the model config's image_mean and image_std).
     """
     video = torch.from_numpy(frames).permute(0, 3, 1, 2).float().div_(255)       # (T, 3, H, W)
-    if train:
+    if train and crop_scale[0] < 1:
         top, left, h, w = random_resized_crop_box(video.shape[2], video.shape[3], crop_scale,
                                                   generator=generator)
         video = video[:, :, top:top + h, left:left + w]                           # (T, 3, h, w)
@@ -261,8 +261,9 @@ class VideoTextDataset(torch.utils.data.Dataset):
     train=True: one item per (video, caption) pair, captions of a list flattened; a random frame of
     each segment, a random resized crop; an unreadable clip is replaced (see the module docstring).
     train=False: one item per unique video, its first caption; middle frames, plain resize; an
-    unreadable clip raises VideoReadError. `mean`, `std` and `flip` go to transform_frames: pass
-    the model config's image_mean, image_std and horizontal_flip.
+    unreadable clip raises VideoReadError. `mean`, `std`, `flip` and `crop_scale` go to
+    transform_frames: pass the model config's image_mean, image_std, horizontal_flip and
+    crop_scale.
 
     Attributes: `videos`, the unique video paths (relative, as in the annotation), indexed by
     video_id; `captions`, every (caption, video_id) pair of the annotation, for retrieval scoring.

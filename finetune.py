@@ -103,7 +103,7 @@ def task_dataset(task, annotation, video_root, config, *, train, seed=0, paragra
     downstream_data.VideoQADataset)."""
     common = {"frames": config.frames, "image_size": config.image_size, "train": train,
               "seed": seed, "mean": config.image_mean, "std": config.image_std,
-              "flip": train and config.horizontal_flip}
+              "flip": train and config.horizontal_flip, "crop_scale": tuple(config.crop_scale)}
     if task == "qa":
         answers = downstream_data.load_answer_list(answer_list) if answer_list else None
         return downstream_data.VideoQADataset(annotation, video_root, answer_list=answers, **common)

@@ -335,7 +335,8 @@ def train(args, argv=()):
         dataset = data.VideoTextDataset(train_ann, video_root, frames=config.frames,
                                         image_size=config.image_size, train=True,
                                         mean=config.image_mean, std=config.image_std,
-                                        flip=config.horizontal_flip, seed=args.seed)
+                                        flip=config.horizontal_flip,
+                                        crop_scale=tuple(config.crop_scale), seed=args.seed)
     else:
         dataset = finetune.task_dataset(args.task, train_ann, video_root, config, train=True,
                                         seed=args.seed, paragraph=args.paragraph)

@@ -15,12 +15,15 @@ def test_recipe_fields_of_the_presets_and_of_old_checkpoints():
     old = {k: v for k, v in base.to_dict().items() if k not in (
         "image_mean", "image_std", "mlm_probability", "drop_path", "video_pooling",
         "horizontal_flip", "vtc_directions", "vtc_gather", "vtm_negative_videos", "vtm_score",
-        "lr_floor", "vtm_pooling")}
+        "lr_floor", "vtm_pooling", "crop_scale")}
     restored = SViTTConfig.from_dict(old)
     assert restored.image_mean == tiny.image_mean and restored.image_std == tiny.image_std
     assert (restored.mlm_probability, restored.drop_path, restored.lr_floor) == (0.15, 0.0, 0.0)
     assert (restored.horizontal_flip, restored.vtm_score) == (False, "log_softmax")
     assert restored.vtm_pooling is None  # VTM read text_pooling's summary
+    # crops: Singularity's half-to-whole area for base and for old checkpoints; tiny's synthetic
+    # captions describe whole frames
+    assert base.crop_scale == restored.crop_scale == [0.5, 1.0] and tiny.crop_scale == [1.0, 1.0]
     assert base.vtm_pooling == tiny.vtm_pooling == "cls"  # f_m's class token (Sec. A.3)
     with pytest.raises(ValueError, match="video_pooling"):
         preset("tiny", video_pooling="max")

@@ -173,6 +173,20 @@ def test_base_transform_matches_beit_image_processor():
     torch.testing.assert_close(ours, theirs.float(), atol=1e-5, rtol=0)
 
 
+def test_training_on_whole_frames_when_crop_scale_starts_at_one():
+    """crop_scale (1, 1): a training clip is the whole frame resized, exactly as at test time,
+    while the default scale crops (the synthetic captions describe whole frames)."""
+    frames = np.random.default_rng(0).integers(0, 256, (2, 48, 48, 3), dtype=np.uint8)
+    test = data.transform_frames(frames, image_size=32, train=False)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(4):
+        whole = data.transform_frames(frames, image_size=32, train=True, crop_scale=(1.0, 1.0),
+                                      generator=generator)
+        assert torch.equal(whole, test)
+    cropped = data.transform_frames(frames, image_size=32, train=True, generator=generator)
+    assert not torch.allclose(cropped, test)
+
+
 def test_flip_mirrors_whole_clips_only_when_asked():
     gradient = np.linspace(0, 255, 32, dtype=np.float32)
     image = np.stack([np.tile(gradient, (32, 1))] * 3, -1).astype(np.uint8)      # left to right

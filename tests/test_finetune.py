@@ -125,3 +125,17 @@ def test_qa_finetuning_and_evaluation(pretrained, tmp_path):
     assert "shuffled" in out
     with pytest.raises(SystemExit, match="qa checkpoint"):
         evaluation.main(["--checkpoint", str(result["checkpoint"]), "--workers", "0"])
+
+
+def test_fine_tuning_crops_as_the_checkpoint_was_trained(tmp_path):
+    """task_dataset takes the crop and flip of the model's config: tiny trains on whole frames,
+    base on Singularity's crops with flips; test-time sets never flip."""
+    import finetune
+    from config import preset
+
+    entries = [{"video": "a.mp4", "caption": "a red square moves up"}]
+    for name, scale, flip in (("tiny", (1.0, 1.0), False), ("base", (0.5, 1.0), True)):
+        config = preset(name)
+        train = finetune.task_dataset("retrieval", entries, tmp_path, config, train=True)
+        test = finetune.task_dataset("retrieval", entries, tmp_path, config, train=False)
+        assert (train.crop_scale, train.flip, test.flip) == (scale, flip, False)
