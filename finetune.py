@@ -53,7 +53,8 @@ FINETUNE_STAGES = {
 # holds; as in Table 9, no warm-up. Retrieval keeps pre-training's text rate (1/20: at the full
 # rate the captions of a scene collapse together) and takes 12 epochs at 3e-4: 6 epochs at 1e-4
 # with the text at the full rate left t2v R@1 where zero-shot was (seed 0: 6.2 against 7.5), 12
-# at 3e-4 with the text at 1/20 raised it to 10.0. QA trains its new decoder at the full rate.
+# at 3e-4 with the text at 1/20 raised it to 10.0 (checkpoints pre-trained with crops and without
+# LayerScale; not tuned again since). QA trains its new decoder at the full rate.
 TINY_FINETUNE_STAGES = {
     "retrieval": _finetune_stages(curriculum.TINY_STAGES, (12, {4: 32, 8: 32, 16: 16}, 3e-4)),
     "qa": _finetune_stages(curriculum.TINY_STAGES, (1, {4: 32, 8: 32, 16: 16}, 1e-4),
