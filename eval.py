@@ -36,10 +36,10 @@ import finetune
 import qa
 from checkpoint import latest_checkpoint, load_checkpoint, load_model_state
 from config import SViTTConfig
-from metrics import group_accuracy, group_pairs, retrieval_metrics, spread, token_spread
+from metrics import group_accuracy, group_pairs, retrieval_metrics, rival_wins, spread, token_spread
 from model import SViTT
 from pretrained import text_model_path
-from synthetic import ensure_synthetic
+from synthetic import ensure_synthetic, scene_rivals
 
 
 def parse_args(argv=None):
@@ -268,6 +268,10 @@ def evaluate(model, dataset, tokenizer, device, *, k, batch_size, workers, seed,
         text_groups = [dataset.video_groups[v] for v in feats["text_video"].tolist()]
         results["spread"] = {"text": spread(feats["text_feat"], text_groups),
                              "video": spread(feats["video_feat"], dataset.video_groups)}
+        rivals = scene_rivals(dataset.videos)  # the synthetic layout's four clips a scene
+        if rivals:
+            results["rival_wins"] = {ranking: rival_wins(scores, feats["text_video"], rivals)
+                                     for ranking, scores in (("vtc", sim), ("vtm", matched))}
     return results
 
 
@@ -281,6 +285,15 @@ def print_metrics(title, results):
     print(f"{'':12}" + "".join(f"{n:>10}" for n in names))
     for ranking, metrics in results.items():
         print(f"{ranking:12}" + "".join(f"{metrics[n]:>10.1f}" for n in names))
+
+
+def print_rival_wins(wins):
+    """One line per ranking: how often a caption's clip beats each single rival of its scene."""
+    print("captions whose clip scores above one rival of its scene, % (chance 50; beating the "
+          "reversal needs order in f_v, beating the swapped events order in f_t):")
+    for ranking, kinds in wins.items():
+        print(f"  {ranking}: " + ", ".join(f"{kind.replace('_', ' ')} {value:.1f}"
+                                          for kind, value in kinds.items() if value is not None))
 
 
 # --------------------------------------------------------------------------------------------
@@ -426,6 +439,8 @@ def main(argv=None):
             print("cosine similarity of the joint space's features, within a group / across "
                   "groups: " + ", ".join(f"{side} {s['within']:.3f} / {s['across']:.3f}"
                                          for side, s in result["spread"].items()))
+        if "rival_wins" in result:
+            print_rival_wins(result["rival_wins"])
         for order, wanted in (("shuffled", args.shuffle_frames),
                               ("reversed", args.reverse_frames)):
             if not wanted:

@@ -4,6 +4,7 @@ the model and reports these.
 
     recall = retrieval_metrics(sim, sim, text_video)        # {"t2v_R@1": ..., "v2t_mean": ...}
     accuracy = group_accuracy(sim, text_video, video_groups)  # percent, or None without groups
+    wins = rival_wins(sim, text_video, {"reversal": rival_of_each_video})  # {"reversal": percent}
 
 A tie with the right item counts against it, so a constant score gets no credit.
 """
@@ -67,6 +68,26 @@ def group_accuracy(scores, text_video, video_groups):
     grouped = torch.zeros(len(text_video), dtype=torch.bool)
     grouped[texts] = True
     return 100.0 * (~lost[grouped]).float().mean().item()
+
+
+def rival_wins(scores, text_video, rivals):
+    """Percent of captions whose video scores above one named rival video (a tie counts as half),
+    for each kind of rival. scores (texts, videos); rivals maps a name to a LongTensor
+    (videos,) giving each video's rival of that kind, -1 for none (its captions are not counted).
+
+    Group accuracy asks whether a caption's clip beats all of its scene's other clips at once;
+    this asks it of one rival at a time, which tells *which* side reads order (see
+    synthetic.scene_rivals). 50% is chance for each kind, and what a model scores that gives the
+    two clips the same score."""
+    result = {}
+    for name, rival in rivals.items():
+        opponent = rival[text_video]
+        counted = opponent >= 0
+        texts = torch.arange(len(text_video))[counted]
+        own, other = scores[texts, text_video[counted]], scores[texts, opponent[counted]]
+        won = (own > other).float() + 0.5 * (own == other).float()
+        result[name] = 100.0 * won.mean().item() if len(texts) else None
+    return result
 
 
 def spread(features, groups):

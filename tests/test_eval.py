@@ -96,3 +96,9 @@ def test_reversed_frames_are_reported(checkpoint, tmp_path):
     assert 0 <= result["vtc"]["group_acc"] <= 100 and 0 <= result["vtm"]["group_acc"] <= 100
     assert result["reversed_difference"]["vtc"]["group_acc"] == pytest.approx(
         result["vtc"]["group_acc"] - result["reversed"]["vtc"]["group_acc"])
+    # and, in the synthetic layout, how often a caption's clip beats each single rival of its scene
+    for result_of in (result, result["reversed"]):
+        for ranking in ("vtc", "vtm"):
+            wins = result_of["rival_wins"][ranking]
+            assert set(wins) == {"reversal", "swapped", "swapped_reversed"}
+            assert all(0 <= value <= 100 for value in wins.values())

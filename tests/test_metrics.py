@@ -78,3 +78,17 @@ def test_recall_with_several_right_videos():
     single = torch.tensor([2, 1])
     assert metrics.retrieval_metrics(scores, scores, single) == metrics.retrieval_metrics(
         scores, scores, torch.nn.functional.one_hot(single, 4).bool())
+
+
+def test_rival_wins_count_ties_as_half_and_skip_videos_without_a_rival():
+    # videos 0 and 1 are each other's rival, video 2 has none; captions 0-3 of videos 0, 1, 0, 2
+    text_video = torch.tensor([0, 1, 0, 2])
+    rivals = {"reversal": torch.tensor([1, 0, -1])}
+    sim = torch.tensor([[0.9, 0.1, 0.0],     # beats its rival: 1
+                        [0.5, 0.5, 0.0],     # a tie: 1/2
+                        [0.2, 0.3, 0.9],     # loses: 0
+                        [0.0, 9.0, 0.1]])    # video 2 has no rival: not counted
+    assert metrics.rival_wins(sim, text_video, rivals) == {
+        "reversal": pytest.approx(100 * 1.5 / 3)}
+    assert metrics.rival_wins(torch.zeros(4, 3), text_video, rivals)["reversal"] == 50.0
+    assert metrics.rival_wins(sim, torch.tensor([2]), rivals) == {"reversal": None}

@@ -123,3 +123,34 @@ def test_synthetic_split_loads_through_the_dataset(tmp_path, tokenizer):
     assert batch["video"].shape == (4, 4, 3, 32, 32)
     assert batch["skipped"] == [] and batch["video_id"].tolist() == [0, 1, 2, 3]
     assert torch.isfinite(batch["video"]).all()
+
+
+def test_scene_rivals_pair_each_clip_with_its_reversal_and_its_swapped_events():
+    groups = synthetic.synthetic_caption_groups()[:60]
+    rng = np.random.default_rng(2)
+    names, captions, events_of = [], [], []
+    for g, attributes in enumerate(groups):
+        _, events = synthetic.make_scene(rng, attributes, size=112, num_frames=16)
+        for k, clip in enumerate(synthetic.scene_clips(events)):
+            names.append(f"train/{g:05d}_{k}.mp4")
+            captions.append(synthetic.synthetic_caption(clip))
+            events_of.append(clip)
+    names.append("train/99999_0.mp4")                        # a scene without its other clips
+    rivals = synthetic.scene_rivals(names)
+    assert set(rivals) == {"reversal", "swapped", "swapped_reversed"}
+    assert all(rival[-1] == -1 for rival in rivals.values())
+    bag = [sorted(c.replace(",", "").split()) for c in captions]
+    same_bag_as_reversal = 0
+    for i in range(len(captions)):
+        reversal, swapped = rivals["reversal"][i].item(), rivals["swapped"][i].item()
+        both = rivals["swapped_reversed"][i].item()
+        assert names[reversal][:-5] == names[i][:-5] and len({i, reversal, swapped, both}) == 4
+        # the reversal plays the same frames backwards: its caption is the events reversed
+        assert captions[reversal] == synthetic.synthetic_caption(
+            synthetic.reverse_events(events_of[i]))
+        assert rivals["reversal"][swapped] == both
+        # the swapped events hold the same words: a bag-of-words text encoder cannot tell them
+        assert bag[swapped] == bag[i] and captions[swapped] != captions[i]
+        same_bag_as_reversal += bag[reversal] == bag[i]   # only when the two directions oppose
+    assert 0 < same_bag_as_reversal < len(captions) / 2
+    assert synthetic.scene_rivals(["clips/cooking.mp4", "clips/dog_2.avi"]) == {}
