@@ -351,7 +351,8 @@ def scene_rivals(videos):
 
     Why these comparisons: a bag-of-frames video encoder tells clip 0 from clip 2 (other frames)
     but not from clip 1 (the same frames reversed); a bag-of-words text encoder tells caption 0
-    from caption 1 (other direction words) but not from caption 2 (the same words, events swapped).
+    from caption 1 (other direction words, unless the two motions are opposite) but not from
+    caption 2 (the same words, events swapped).
     The two blind sides split a scene along different lines, so together they are at chance on all
     four clips (25%) and on every pair (50%). Beating the reversal needs order in the video
     encoder, beating the swapped events order in the text encoder; a model with one side reading
