@@ -268,7 +268,7 @@ def evaluate(model, dataset, tokenizer, device, *, k, batch_size, workers, seed,
         text_groups = [dataset.video_groups[v] for v in feats["text_video"].tolist()]
         results["spread"] = {"text": spread(feats["text_feat"], text_groups),
                              "video": spread(feats["video_feat"], dataset.video_groups)}
-        rivals = scene_rivals(dataset.videos)  # the synthetic layout's four clips a scene
+        rivals = scene_rivals(dataset.videos, dataset.video_groups)  # synthetic scenes
         if rivals:
             results["rival_wins"] = {ranking: rival_wins(scores, feats["text_video"], rivals)
                                      for ranking, scores in (("vtc", sim), ("vtm", matched))}

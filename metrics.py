@@ -6,7 +6,8 @@ the model and reports these.
     accuracy = group_accuracy(sim, text_video, video_groups)  # percent, or None without groups
     wins = rival_wins(sim, text_video, {"reversal": rival_of_each_video})  # {"reversal": percent}
 
-A tie with the right item counts against it, so a constant score gets no credit.
+A tie with the right item counts against it, so a constant score gets no credit (in rival_wins,
+a comparison of two, it counts as half: a constant score is at chance there).
 """
 import torch
 

@@ -336,43 +336,43 @@ def ensure_synthetic(root="data/synthetic", *, seed=0, num_train=1600,
             "video_root": os.path.join(root, "videos")}
 
 
-# ---------------------------------------------------------------------------------------------
-# Downstream splits: video QA on the pre-training clips, and a retrieval fine-tuning split
 CLIP_NAME = re.compile(r"(.*?)(\d+)_([0-3])\.mp4")
 # what a caption's clip K must beat in each comparison: clip K ^ 1 is its reversal (the same
 # frames), K ^ 2 its events swapped (the same words), K ^ 3 both
 RIVALS = {"reversal": 1, "swapped": 2, "swapped_reversed": 3}
 
 
-def scene_rivals(videos):
-    """For the synthetic layout (videos named SSSSS_K.mp4, four clips K = 0-3 a scene): for each
-    kind of RIVALS, each video's rival in its scene as a LongTensor (videos,), -1 where the scene
-    is incomplete. {} when no video follows the layout (real data).
+def scene_rivals(videos, groups):
+    """For the synthetic layout (videos named SSSSS_K.mp4, four clips K = 0-3 a scene, each with its
+    scene's `group`): for each kind of RIVALS, each video's rival in its scene as a LongTensor
+    (videos,), -1 where there is none (a missing clip, or one outside the video's group). {} when
+    no video has a rival (real data).
 
     Why these comparisons: a bag-of-frames video encoder tells clip 0 from clip 2 (other frames)
     but not from clip 1 (the same frames reversed); a bag-of-words text encoder tells caption 0
     from caption 1 (other direction words, unless the two motions are opposite) but not from
-    caption 2 (the same words, events swapped).
-    The two blind sides split a scene along different lines, so together they are at chance on all
-    four clips (25%) and on every pair (50%). Beating the reversal needs order in the video
-    encoder, beating the swapped events order in the text encoder; a model with one side reading
-    order reaches about 50% group accuracy."""
+    caption 2 (the same words, events swapped). The two blind sides split a scene along different
+    lines, so together they are at chance on all four clips (25%) and on every pair (50%).
+    Beating the reversal needs order in the video encoder, beating the swapped events order in
+    the text encoder; a model with one side reading order reaches about 50% group accuracy."""
     index = {}
     for i, video in enumerate(videos):
         match = CLIP_NAME.fullmatch(str(video).replace(os.sep, "/"))
         if match:
             index[(match.group(1), match.group(2), int(match.group(3)))] = i
-    if not index:
-        return {}
     rivals = {}
     for name, flip in RIVALS.items():
         rival = torch.full((len(videos),), -1, dtype=torch.long)
         for (folder, scene, k), i in index.items():
-            rival[i] = index.get((folder, scene, k ^ flip), -1)
+            j = index.get((folder, scene, k ^ flip), -1)
+            if j >= 0 and groups[i] is not None and groups[i] == groups[j]:
+                rival[i] = j
         rivals[name] = rival
-    return rivals
+    return rivals if any((rival >= 0).any() for rival in rivals.values()) else {}
 
 
+# ---------------------------------------------------------------------------------------------
+# Downstream splits: video QA on the pre-training clips, and a retrieval fine-tuning split
 # ---------------------------------------------------------------------------------------------
 
 QA_VERSION = 1

@@ -136,7 +136,8 @@ def test_scene_rivals_pair_each_clip_with_its_reversal_and_its_swapped_events():
             captions.append(synthetic.synthetic_caption(clip))
             events_of.append(clip)
     names.append("train/99999_0.mp4")                        # a scene without its other clips
-    rivals = synthetic.scene_rivals(names)
+    groups = [f"train/{name[6:11]}" for name in names]
+    rivals = synthetic.scene_rivals(names, groups)
     assert set(rivals) == {"reversal", "swapped", "swapped_reversed"}
     assert all(rival[-1] == -1 for rival in rivals.values())
     bag = [sorted(c.replace(",", "").split()) for c in captions]
@@ -153,4 +154,8 @@ def test_scene_rivals_pair_each_clip_with_its_reversal_and_its_swapped_events():
         assert bag[swapped] == bag[i] and captions[swapped] != captions[i]
         same_bag_as_reversal += bag[reversal] == bag[i]   # only when the two directions oppose
     assert 0 < same_bag_as_reversal < len(captions) / 2
-    assert synthetic.scene_rivals(["clips/cooking.mp4", "clips/dog_2.avi"]) == {}
+    assert synthetic.scene_rivals(["clips/cooking.mp4", "clips/dog_2.avi"], ["a", "a"]) == {}
+    # names that look like the layout count only inside one group (real data has none)
+    lookalike = ["cam/0001_0.mp4", "cam/0001_1.mp4"]
+    assert synthetic.scene_rivals(lookalike, [None, None]) == {}
+    assert synthetic.scene_rivals(lookalike, ["x", "x"])["reversal"].tolist() == [1, 0]
