@@ -18,8 +18,11 @@
 Retrieval follows Singularity: VTC similarity for every (text, video) pair ranks all videos, then
 the top --k of each text (and of each video, for video-to-text) are re-scored by the VTM head; both
 rankings are reported. Metrics: R@1, R@5, R@10 and their mean, in percent. A tie with the right
-item counts against it (a constant score gets no credit). Random attention blocks are drawn from a
-seeded generator so a score can be reproduced.
+item counts against it (a constant score gets no credit). Where the annotation groups videos
+(`group`), group accuracy and the spread of the joint space are reported too; on the synthetic
+scenes also each caption's clip against each single rival of its scene (its reversal, its events
+swapped, both), which tells whether the video or the text encoder reads order. Random attention
+blocks are drawn from a seeded generator so a score can be reproduced.
 """
 import argparse
 import json
