@@ -25,6 +25,8 @@ class SViTTConfig:
                                        # space-time kernels ("conv", model.ConvStem: with it the
                                        # from-scratch ViT's summary reads order in the order probe,
                                        # not yet in the quickstart's VTC)
+    space_time_conv: int = 0           # hidden width of a residual 3 x 3 x 3 convolution over the
+                                       # patch tokens (model.SpaceTimeConv), 0: none (the paper's)
     vision_width: int = 128            # d, token width
     vision_layers: int = 12            # L_v
     vision_heads: int = 2              # attention heads (64 wide each)

@@ -200,6 +200,37 @@ class ConvStem(nn.Module):
         return 2 * frames * per_frame
 
 
+class SpaceTimeConv(nn.Module):
+    """A residual space-time convolution over the patch tokens (`space_time_conv`, its hidden
+    width): x + W2 * GELU(W1 * x), W1 and W2 3 x 3 x 3 convolutions over (t, h, w), zero-padded,
+    W2 starting at zero, so that the encoder starts as the plain patch embedding.
+
+    Not in the paper, whose ViT starts from BEiT's image weights; an option for a ViT trained from
+    scratch, as depth-wise 3D convolutions give UniFormer its position encoding and ST-Adapter an
+    image ViT its time. A patch token alone sees one frame, and attention has to learn which token
+    of the next frame to compare it with before anything in the clip's summary can say which way
+    an object moved; the kernels compare each place with its neighbours in the previous and next
+    frame from the first step. In the order probe the summary then reads order
+    (`benchmarks/order_probe.py`), and unlike the convolutional stem (`stem="conv"`) it keeps the
+    patch embedding, so VTC learns as fast as without it. The kernels do not depend on T: the
+    4 -> 8 frame expansion carries them over as they are."""
+
+    def __init__(self, width, hidden):
+        super().__init__()
+        self.conv1 = nn.Conv3d(width, hidden, 3, 1, 1)
+        self.conv2 = nn.Conv3d(hidden, width, 3, 1, 1)
+        nn.init.zeros_(self.conv2.weight)
+        nn.init.zeros_(self.conv2.bias)
+
+    def forward(self, x):  # (B, d, T, H', W') -> the same
+        return x + self.conv2(F.gelu(self.conv1(x)))
+
+    def flops(self, frames, grid):
+        """Forward FLOPs of one clip (2 per multiply-add, as torch.utils.flop_counter counts)."""
+        width, hidden = self.conv1.in_channels, self.conv1.out_channels
+        return 2 * frames * grid ** 2 * 27 * 2 * width * hidden
+
+
 class VideoEncoder(nn.Module):
     """f_v: patch embedding, 3D positions, sparse blocks with token pruning (Eq. 1-11)."""
 
@@ -212,6 +243,8 @@ class VideoEncoder(nn.Module):
         else:  # Eq. 1: a linear map of each frame's p x p patches (BEiT's)
             self.patch_embed = nn.Conv2d(3, d, kernel_size=config.patch_size,
                                          stride=config.patch_size)
+        self.space_time_conv = (SpaceTimeConv(d, config.space_time_conv)
+                                if config.space_time_conv else None)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, d))
         # Eq. 21: P' (1 + T H W, d); used only when abs_pos_embed is set
         self.pos_embed = nn.Parameter(torch.zeros(1, config.num_tokens,
@@ -236,10 +269,13 @@ class VideoEncoder(nn.Module):
         assert T == self.config.frames, \
             f"the model takes {self.config.frames} frames, the clip has {T}"
         if isinstance(self.patch_embed, ConvStem):
-            x = rearrange(self.patch_embed(video), "b d t h w -> b (t h w) d")
+            x = self.patch_embed(video)  # (B, d, T, H', W')
         else:
             x = self.patch_embed(rearrange(video, "b t c h w -> (b t) c h w"))  # (B T, d, H', W')
-            x = rearrange(x, "(b t) d h w -> b (t h w) d", b=B)  # Eq. 1: time-major flattening
+            x = rearrange(x, "(b t) d h w -> b d t h w", b=B)
+        if self.space_time_conv is not None:
+            x = self.space_time_conv(x)
+        x = rearrange(x, "b d t h w -> b (t h w) d")  # Eq. 1: time-major flattening
         x = torch.cat([self.cls_token.expand(B, -1, -1), x], dim=1)  # (B, 1 + N, d)
         if self.pos_embed is not None:
             x = x + self.pos_embed

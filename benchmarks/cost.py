@@ -150,6 +150,8 @@ def predicted_gflops(model, config):
         flops = stem.flops(config.frames)
     else:  # the linear patch embedding
         flops = 2 * (count.visual_tokens[0] - 1) * 3 * config.patch_size ** 2 * d
+    if model.video_encoder.space_time_conv is not None:  # space_time_conv
+        flops += model.video_encoder.space_time_conv.flops(config.frames, config.grid)
     for n, e in zip(count.visual_tokens, count.visual):
         flops += 2 * n * (4 * d * d + 2 * d * d_ff) + 4 * e * d
     text_layer = 2 * n_t * (4 * w * w + 2 * w * w_ff) + 4 * n_t * n_t * w

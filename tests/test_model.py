@@ -259,6 +259,43 @@ def test_conv_stem_reads_the_order_of_frames():
     assert abs(stem.flops(4) / counter.get_total_flops() - 1) < 1e-6
 
 
+def test_space_time_conv_starts_as_the_patch_embedding_and_reads_order():
+    """space_time_conv adds a residual 3 x 3 x 3 convolution to the patch tokens: zero at the start
+    (the encoder is the plain patch embedding), and once trained, the tokens of a reversed clip
+    are not the clip's tokens reversed in time. Its kernels do not depend on T."""
+    from model import SpaceTimeConv
+
+    torch.manual_seed(0)
+    conv = SpaceTimeConv(width=32, hidden=16).eval()
+    grid = torch.randn(2, 32, 4, 7, 7, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(conv(grid), grid)
+        conv.conv2.weight.normal_(std=0.05)   # as after some training
+        forward, backward = conv(grid), conv(grid.flip(2))
+    assert (forward.flip(2) - backward).abs().amax() > 1e-3
+    # a still clip: the middle frames' outputs are the same either way (only order is new)
+    still = grid[:, :, :1].expand(-1, -1, 4, -1, -1)
+    with torch.no_grad():
+        torch.testing.assert_close(conv(still)[:, :, 1:3], conv(still.flip(2))[:, :, 1:3])
+        assert conv(torch.cat([grid, grid], dim=2)).shape == (2, 32, 8, 7, 7)
+    from torch.utils.flop_counter import FlopCounterMode
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        conv(grid[:1])
+    assert abs(conv.flops(4, 7) / counter.get_total_flops() - 1) < 1e-6
+    # in the encoder: at the start, the same clip summary as without it (the same other weights)
+    config = preset("tiny", frames=4, space_time_conv=16)
+    torch.manual_seed(0)
+    plain = SViTT(preset("tiny", frames=4), pretrained=False).video_encoder.eval()
+    with_conv = SViTT(config, pretrained=False).video_encoder.eval()
+    missing, unexpected = with_conv.load_state_dict(plain.state_dict(), strict=False)
+    assert not unexpected and all(k.startswith("space_time_conv.") for k in missing)
+    video = torch.randn(1, 4, 3, 112, 112, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        # the random attention blocks drawn alike
+        torch.testing.assert_close(with_conv(video, torch.Generator().manual_seed(3))[2],
+                                   plain(video, torch.Generator().manual_seed(3))[2])
+
+
 def test_sincos_pos_embed_tells_every_position_apart():
     from model import sincos_pos_embed
     table = sincos_pos_embed(4, 7, 128)   # (T H W, d), time-major
