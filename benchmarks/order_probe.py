@@ -19,6 +19,12 @@ encoder that reads order scores near 0 on first-event attributes of reversed cli
     python benchmarks/order_probe.py --head mlp             # a hidden layer of 512 before the heads
     python benchmarks/order_probe.py --random-positions 0.6 # positions not split into t, h, w
     python benchmarks/order_probe.py --num-train 8000       # more training scenes (own folder)
+    python benchmarks/order_probe.py --encoder text         # the text side: tiny's pretrained
+                                                            # f_t, frozen, pooled as VTC pools
+
+The text mode asks the same of the captions: is the order of events already in the pretrained text
+encoder's pooled feature (a linear head on it), so that VTC's text projection could read it? A bag
+of words knows both colours and both directions but not which came first (about 50% on colour 1).
 """
 import argparse
 import ast
@@ -34,8 +40,10 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import data  # noqa: E402
+from collate import tokenize_captions  # noqa: E402
 from config import preset  # noqa: E402
-from model import VideoEncoder  # noqa: E402
+from model import SViTT, VideoEncoder  # noqa: E402
+from pretrained import text_model_path  # noqa: E402
 from synthetic import COLOURS, DIRECTIONS, SHAPES, ensure_synthetic, parse_caption  # noqa: E402
 
 DEFAULT_TRAIN_CLIPS = inspect.signature(ensure_synthetic).parameters["num_train"].default
@@ -77,6 +85,51 @@ class FrameCNN(nn.Module):
         return self.head(self.frames(video.flatten(0, 1)).reshape(video.shape[0], -1))
 
 
+def text_features(captions, config):
+    """The pretrained text encoder's pooled features (captions, C) as VTC reads them, before the
+    projection: f_t's output, its class token or mean (`text_pooling`)."""
+    model = SViTT(config).eval()
+    tokenizer = data.default_tokenizer(text_model_path(config.text_model))
+    features = []
+    with torch.no_grad():
+        for start in range(0, len(captions), 64):
+            text = tokenize_captions(tokenizer, captions[start:start + 64], config.text_len)
+            hidden, _ = model.encode_text(text["input_ids"], text["attention_mask"])
+            features.append(model.pool(hidden, text["attention_mask"]))
+    return torch.cat(features)
+
+
+def run_text(args):
+    """Linear heads on the frozen text features of the train split's captions; test accuracy."""
+    torch.manual_seed(args.seed)
+    config = preset("tiny", frames=args.frames)
+    paths = ensure_synthetic()
+    splits = {}
+    for split in ("train", "test"):
+        captions = [e["caption"] for e in data.load_annotation(paths[split])]
+        labels = torch.tensor([attribute_labels(c) for c in captions])
+        splits[split] = (text_features([data.clean_caption(c) for c in captions], config), labels)
+    (train_x, train_y), (test_x, test_y) = splits["train"], splits["test"]
+    mean, std = train_x.mean(0), train_x.std(0) + 1e-6
+    sizes = [len(v) for v in VALUES]
+    head = nn.Linear(train_x.shape[1], sum(sizes))
+    optimizer = torch.optim.AdamW(head.parameters(), lr=1e-2, weight_decay=0.02)
+    for _ in range(args.steps):
+        logits = head((train_x - mean) / std).split(sizes, dim=1)
+        loss = sum(F.cross_entropy(z, train_y[:, j]) for j, z in enumerate(logits))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    with torch.no_grad():
+        logits = head((test_x - mean) / std).split(sizes, dim=1)
+    accuracy = [100 * (z.argmax(1) == test_y[:, j]).float().mean().item()
+                for j, z in enumerate(logits)]
+    print(f"\ntext ({config.text_model}, frozen, {config.text_pooling} pooling), linear heads, "
+          f"{args.steps} full-batch steps on {len(train_x)} train captions: test accuracy (%)")
+    print(f"{'':>10}" + "".join(f"{a:>13}" for a in ATTRIBUTES))
+    print(f"{'captions':>10}" + "".join(f"{a:>13.1f}" for a in accuracy))
+
+
 def make_batch(clips, index, config, train, generator, reverse=False):
     """(B, T, 3, S, S) clips: training samples a random frame per segment, test the middle ones;
     frames resized whole (no crop), normalised as the model's config says."""
@@ -90,6 +143,8 @@ def make_batch(clips, index, config, train, generator, reverse=False):
 
 
 def run(args):
+    if args.encoder == "text":
+        return run_text(args)
     torch.manual_seed(args.seed)
     overrides = {k: ast.literal_eval(v) for k, v in (kv.split("=", 1) for kv in args.set)}
     config = preset("tiny", frames=args.frames, **overrides)
@@ -169,7 +224,7 @@ def run(args):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--encoder", choices=["vit", "cnn"], default="vit")
+    p.add_argument("--encoder", choices=["vit", "cnn", "text"], default="vit")
     p.add_argument("--readout", choices=["pooled", "tokens"], default="pooled",
                    help="ViT: heads on the clip's summary (the VTC feature) or on all its output "
                         "tokens in place (a linear map of the (1 + N) x d output)")

@@ -25,5 +25,8 @@ def test_recipe_fields_of_the_presets_and_of_old_checkpoints():
     # captions describe whole frames
     assert base.crop_scale == restored.crop_scale == [0.5, 1.0] and tiny.crop_scale == [1.0, 1.0]
     assert base.vtm_pooling == tiny.vtm_pooling == "cls"  # f_m's class token (Sec. A.3)
+    # the paper's patch embedding alone for base (BEiT's) and for old checkpoints; tiny, trained
+    # from scratch, adds the residual space-time convolution over the patch tokens
+    assert base.space_time_conv == restored.space_time_conv == 0 and tiny.space_time_conv == 64
     with pytest.raises(ValueError, match="video_pooling"):
         preset("tiny", video_pooling="max")
