@@ -85,11 +85,10 @@ class FrameCNN(nn.Module):
         return self.head(self.frames(video.flatten(0, 1)).reshape(video.shape[0], -1))
 
 
-def text_features(captions, config):
+def text_features(captions, model, tokenizer):
     """The pretrained text encoder's pooled features (captions, C) as VTC reads them, before the
     projection: f_t's output, its class token or mean (`text_pooling`)."""
-    model = SViTT(config).eval()
-    tokenizer = data.default_tokenizer(text_model_path(config.text_model))
+    config = model.config
     features = []
     with torch.no_grad():
         for start in range(0, len(captions), 64):
@@ -104,11 +103,14 @@ def run_text(args):
     torch.manual_seed(args.seed)
     config = preset("tiny", frames=args.frames)
     paths = ensure_synthetic()
+    model = SViTT(config).eval()
+    tokenizer = data.default_tokenizer(text_model_path(config.text_model))
     splits = {}
     for split in ("train", "test"):
         captions = [e["caption"] for e in data.load_annotation(paths[split])]
         labels = torch.tensor([attribute_labels(c) for c in captions])
-        splits[split] = (text_features([data.clean_caption(c) for c in captions], config), labels)
+        features = text_features([data.clean_caption(c) for c in captions], model, tokenizer)
+        splits[split] = (features, labels)
     (train_x, train_y), (test_x, test_y) = splits["train"], splits["test"]
     mean, std = train_x.mean(0), train_x.std(0) + 1e-6
     sizes = [len(v) for v in VALUES]

@@ -15,7 +15,7 @@ def test_recipe_fields_of_the_presets_and_of_old_checkpoints():
     old = {k: v for k, v in base.to_dict().items() if k not in (
         "image_mean", "image_std", "mlm_probability", "drop_path", "video_pooling",
         "horizontal_flip", "vtc_directions", "vtc_gather", "vtm_negative_videos", "vtm_score",
-        "lr_floor", "vtm_pooling", "crop_scale")}
+        "lr_floor", "vtm_pooling", "crop_scale", "space_time_conv")}
     restored = SViTTConfig.from_dict(old)
     assert restored.image_mean == tiny.image_mean and restored.image_std == tiny.image_std
     assert (restored.mlm_probability, restored.drop_path, restored.lr_floor) == (0.15, 0.0, 0.0)
