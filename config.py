@@ -25,8 +25,13 @@ class SViTTConfig:
                                        # space-time kernels ("conv", model.ConvStem: with it the
                                        # from-scratch ViT's summary reads order in the order probe,
                                        # not yet in the quickstart's VTC)
-    space_time_conv: int = 0           # hidden width of a residual 3 x 3 x 3 convolution over the
-                                       # patch tokens (model.SpaceTimeConv), 0: none (the paper's)
+    space_time_conv: int = 0           # hidden width of a residual space-time convolution over
+                                       # the patch tokens (model.SpaceTimeConv), 0: none (the
+                                       # paper's)
+    # its two kernels over (t, h, w), in frames and patches, odd sizes: the first convolution's
+    # (how far it looks) and the second's (written before these fields: 3 x 3 x 3 both)
+    space_time_kernel: list = field(default_factory=lambda: [3, 3, 3])
+    space_time_out_kernel: list = field(default_factory=lambda: [3, 3, 3])
     vision_width: int = 128            # d, token width
     vision_layers: int = 12            # L_v
     vision_heads: int = 2              # attention heads (64 wide each)

@@ -202,8 +202,10 @@ class ConvStem(nn.Module):
 
 class SpaceTimeConv(nn.Module):
     """A residual space-time convolution over the patch tokens (`space_time_conv`, its hidden
-    width): x + W2 * GELU(W1 * x), W1 and W2 3 x 3 x 3 convolutions over (t, h, w), zero-padded,
-    W2 starting at zero, so that the encoder starts as the plain patch embedding.
+    width): x + W2 * GELU(W1 * x), W1 and W2 convolutions over (t, h, w) with the kernels
+    `space_time_kernel` and `space_time_out_kernel` (3 x 3 x 3 both by default: a token reads two
+    frames and two patches either way), zero-padded, W2 starting at zero, so that the encoder
+    starts as the plain patch embedding.
 
     Not in the paper, whose ViT starts from BEiT's image weights; an option for a ViT trained from
     scratch, as depth-wise 3D convolutions give UniFormer its position encoding and ST-Adapter an
@@ -215,10 +217,13 @@ class SpaceTimeConv(nn.Module):
     patch embedding, so VTC learns as fast as without it. The kernels do not depend on T: the
     4 -> 8 frame expansion carries them over as they are."""
 
-    def __init__(self, width, hidden):
+    def __init__(self, width, hidden, kernel=(3, 3, 3), out_kernel=(3, 3, 3)):
         super().__init__()
-        self.conv1 = nn.Conv3d(width, hidden, 3, 1, 1)
-        self.conv2 = nn.Conv3d(hidden, width, 3, 1, 1)
+        for k in (kernel, out_kernel):
+            assert len(k) == 3 and all(n % 2 == 1 for n in k), f"kernels are 3 odd sizes, got {k}"
+        self.conv1 = nn.Conv3d(width, hidden, tuple(kernel), 1, tuple(n // 2 for n in kernel))
+        self.conv2 = nn.Conv3d(hidden, width, tuple(out_kernel), 1,
+                               tuple(n // 2 for n in out_kernel))
         nn.init.zeros_(self.conv2.weight)
         nn.init.zeros_(self.conv2.bias)
 
@@ -228,7 +233,8 @@ class SpaceTimeConv(nn.Module):
     def flops(self, frames, grid):
         """Forward FLOPs of one clip (2 per multiply-add, as torch.utils.flop_counter counts)."""
         width, hidden = self.conv1.in_channels, self.conv1.out_channels
-        return 2 * frames * grid ** 2 * 27 * 2 * width * hidden
+        taps = math.prod(self.conv1.kernel_size) + math.prod(self.conv2.kernel_size)
+        return 2 * frames * grid ** 2 * taps * width * hidden
 
 
 class VideoEncoder(nn.Module):
@@ -243,7 +249,8 @@ class VideoEncoder(nn.Module):
         else:  # Eq. 1: a linear map of each frame's p x p patches (BEiT's)
             self.patch_embed = nn.Conv2d(3, d, kernel_size=config.patch_size,
                                          stride=config.patch_size)
-        self.space_time_conv = (SpaceTimeConv(d, config.space_time_conv)
+        self.space_time_conv = (SpaceTimeConv(d, config.space_time_conv, config.space_time_kernel,
+                                              config.space_time_out_kernel)
                                 if config.space_time_conv else None)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, d))
         # Eq. 21: P' (1 + T H W, d); used only when abs_pos_embed is set

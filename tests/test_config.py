@@ -15,7 +15,8 @@ def test_recipe_fields_of_the_presets_and_of_old_checkpoints():
     old = {k: v for k, v in base.to_dict().items() if k not in (
         "image_mean", "image_std", "mlm_probability", "drop_path", "video_pooling",
         "horizontal_flip", "vtc_directions", "vtc_gather", "vtm_negative_videos", "vtm_score",
-        "lr_floor", "vtm_pooling", "crop_scale", "space_time_conv")}
+        "lr_floor", "vtm_pooling", "crop_scale", "space_time_conv", "space_time_kernel",
+        "space_time_out_kernel")}
     restored = SViTTConfig.from_dict(old)
     assert restored.image_mean == tiny.image_mean and restored.image_std == tiny.image_std
     assert (restored.mlm_probability, restored.drop_path, restored.lr_floor) == (0.15, 0.0, 0.0)
@@ -28,5 +29,6 @@ def test_recipe_fields_of_the_presets_and_of_old_checkpoints():
     # the paper's patch embedding alone for base (BEiT's) and for old checkpoints; tiny, trained
     # from scratch, adds the residual space-time convolution over the patch tokens
     assert base.space_time_conv == restored.space_time_conv == 0 and tiny.space_time_conv == 64
+    assert restored.space_time_kernel == restored.space_time_out_kernel == [3, 3, 3]
     with pytest.raises(ValueError, match="video_pooling"):
         preset("tiny", video_pooling="max")

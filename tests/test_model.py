@@ -297,6 +297,38 @@ def test_space_time_conv_starts_as_the_patch_embedding_and_reads_order():
                                    plain(video, torch.Generator().manual_seed(3))[2])
 
 
+def test_space_time_conv_kernels_set_how_far_a_token_looks():
+    """space_time_kernel / space_time_out_kernel: the two convolutions' (t, h, w) kernels. A token
+    reads the tokens within the two kernels' summed reach and none beyond it."""
+    from model import SpaceTimeConv
+
+    def reach(kernel, out_kernel, offset):
+        torch.manual_seed(0)
+        conv = SpaceTimeConv(width=8, hidden=4, kernel=kernel, out_kernel=out_kernel).eval()
+        grid = torch.randn(1, 8, 8, 9, 9)
+        moved = grid.clone()
+        moved[:, :, 3 + offset[0], 4 + offset[1], 4 + offset[2]] += 1.0
+        with torch.no_grad():
+            conv.conv2.weight.normal_(std=0.05)
+            return (conv(moved) - conv(grid))[:, :, 3, 4, 4].abs().amax().item()
+
+    assert reach((3, 3, 3), (3, 3, 3), (2, 2, 2)) > 1e-4      # 1 + 1 frames and patches
+    assert reach((3, 3, 3), (3, 3, 3), (0, 3, 0)) == 0
+    assert reach((3, 5, 5), (1, 1, 1), (1, 2, 2)) > 1e-4      # 2 patches, 1 frame
+    assert reach((3, 5, 5), (1, 1, 1), (2, 0, 0)) == 0
+    assert reach((3, 5, 5), (3, 5, 5), (0, 4, 0)) > 1e-4
+    # the default and old checkpoints' 3 x 3 x 3 twice; the encoder builds what the config says
+    assert preset("tiny").space_time_kernel == preset("tiny").space_time_out_kernel == [3, 3, 3]
+    encoder = SViTT(preset("tiny", frames=4, space_time_kernel=[3, 5, 5],
+                           space_time_out_kernel=[1, 1, 1]), pretrained=False).video_encoder
+    assert encoder.space_time_conv.conv1.kernel_size == (3, 5, 5)
+    assert encoder.space_time_conv.conv2.kernel_size == (1, 1, 1)
+    from torch.utils.flop_counter import FlopCounterMode
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        encoder.space_time_conv(torch.randn(1, 128, 4, 7, 7))
+    assert abs(encoder.space_time_conv.flops(4, 7) / counter.get_total_flops() - 1) < 1e-6
+
+
 def test_sincos_pos_embed_tells_every_position_apart():
     from model import sincos_pos_embed
     table = sincos_pos_embed(4, 7, 128)   # (T H W, d), time-major
