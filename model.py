@@ -221,9 +221,8 @@ class SpaceTimeConv(nn.Module):
         super().__init__()
         for k in (kernel, out_kernel):
             assert len(k) == 3 and all(n % 2 == 1 for n in k), f"kernels are 3 odd sizes, got {k}"
-        self.conv1 = nn.Conv3d(width, hidden, tuple(kernel), 1, tuple(n // 2 for n in kernel))
-        self.conv2 = nn.Conv3d(hidden, width, tuple(out_kernel), 1,
-                               tuple(n // 2 for n in out_kernel))
+        self.conv1 = nn.Conv3d(width, hidden, tuple(kernel), padding="same")
+        self.conv2 = nn.Conv3d(hidden, width, tuple(out_kernel), padding="same")
         nn.init.zeros_(self.conv2.weight)
         nn.init.zeros_(self.conv2.bias)
 
