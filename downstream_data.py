@@ -150,10 +150,13 @@ class VideoQADataset(VideoTextDataset):
     "question_id" (the entry's, else its index) and "type" (the entry's, else ""). Questions and
     answers are cleaned as captions are (lower case, no punctuation), so "Left." matches "left".
     With an answer list, `outside_list` counts the questions none of whose answers is in it: at
-    test time they count as wrong, since the model answers from the list.
+    test time they count as wrong, since the model answers from the list. With `group_by_video`
+    each item's group is its clip, so that a training batch holds the questions of a clip together
+    and QACollate gives the clip one row (encoded once for all its questions).
     """
 
-    def __init__(self, annotation, video_root, *, answer_list=None, **kwargs):
+    def __init__(self, annotation, video_root, *, answer_list=None, group_by_video=False,
+                 **kwargs):
         name = "annotation list" if isinstance(annotation, list) else os.fspath(annotation)
         entries = (validate_qa_annotation(annotation, name) if isinstance(annotation, list)
                    else load_qa_annotation(annotation))
@@ -169,6 +172,8 @@ class VideoQADataset(VideoTextDataset):
         video_ids = {video: video_id for video_id, video in enumerate(self.videos)}
         self.items = [(index, video_ids[e["video"]]) for index, e in enumerate(entries)]
         self.answer_list = answer_list
+        if group_by_video:  # training batches hold a clip's questions together (ResumableSampler)
+            self.groups = [video_id for _, video_id in self.items]
         listed = set(answer_list or ())
         self.outside_list = sum(not listed & set(q["answers"]) for q in self.questions)
         if answer_list is not None and self.outside_list:
@@ -185,6 +190,8 @@ class QACollate:
     """collate_fn of VideoQADataset items: clips, questions (question_len tokens) and every
     answer of every question (answer_len tokens, [CLS] first: the decoder's start token).
 
+    The questions of one clip share its row of `video` (the first such item's frames): the model
+    encodes each clip of the batch once, and question i reads row question_video[i].
     answer_question[j] is the question (row of the batch) of answer row j; answer_weight[j] its
     weight (answer_weights). A class so that spawned DataLoader workers can pickle it.
     """
@@ -199,8 +206,16 @@ class QACollate:
                                       self.question_len)
         answers = [answer for item in items for answer in item["answers"]]
         answer_tokens = tokenize_captions(self.tokenizer, answers, self.answer_len)
+        clip_row: dict[int, int] = {}        # video id -> its row in "video", in order of arrival
+        clips = []
+        for item in items:
+            if item["video_id"] not in clip_row:
+                clip_row[item["video_id"]] = len(clips)
+                clips.append(item["video"])
         return {
-            "video": torch.stack([item["video"] for item in items]),   # (B, T, 3, S, S)
+            "video": torch.stack(clips),                                # (V, T, 3, S, S)
+            "question_video": torch.tensor([clip_row[item["video_id"]] for item in items],
+                                           dtype=torch.long),          # (B,) rows of "video"
             "question_ids": questions["input_ids"],                     # (B, Lq)
             "question_mask": questions["attention_mask"],               # (B, Lq)
             "answer_ids": answer_tokens["input_ids"],                   # (A, La)

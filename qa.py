@@ -88,9 +88,14 @@ class SViTTQA(SViTT):
                     tensor.copy_(source[name])
 
     # ---- the question and the answers ------------------------------------------------------
-    def encode_question(self, video, question_ids, question_mask, generator=None, record=None):
-        """Question states (B, Lq, C): f_t, then f_m with cross-attention to the video tokens."""
+    def encode_question(self, video, question_ids, question_mask, generator=None, record=None,
+                        question_video=None):
+        """Question states (B, Lq, C): f_t, then f_m with cross-attention to the video tokens.
+        video (V, T, 3, S, S); question_video (B,), the clip of each question (QACollate), or None
+        for one clip per question (V = B): a clip is encoded once for all its questions."""
         video_tokens, _, _ = self.encode_video(video, generator, record)
+        if question_video is not None:
+            video_tokens = video_tokens[question_video]                             # (B, n, d)
         text, _ = self.encode_text(question_ids, question_mask)
         return self.fuse(text, question_mask, video_tokens, record)
 
@@ -118,7 +123,8 @@ class SViTTQA(SViTT):
         question and averaged over the questions."""
         record = {"visual_tokens": [], "visual": [], "multimodal_tokens": [], "multimodal": []}
         states = self.encode_question(batch["video"], batch["question_ids"],
-                                      batch["question_mask"], generator, record)
+                                      batch["question_mask"], generator, record,
+                                      batch.get("question_video"))
         rows = batch["answer_question"]
         log_likelihood = self.answer_log_likelihood(batch["answer_ids"], batch["answer_mask"],
                                                     states[rows], batch["question_mask"][rows])
@@ -161,8 +167,9 @@ def evaluate_qa(model, loader, answer_list, tokenizer, device, *, k=128, answer_
     """Exact-match accuracy (percent), overall and per question type, and the predictions.
 
     loader yields downstream_data.QACollate batches; `shuffle(video, first_index)` may reorder
-    frames (temporal probing, Table 14). A question is right when the predicted answer is one of its
-    answers (after cleaning); questions whose answers are outside the list are always wrong.
+    frames (temporal probing, Table 14), one order per clip, shared by the clip's questions. A
+    question is right when the predicted answer is one of its answers (after cleaning); questions
+    whose answers are outside the list are always wrong.
     """
     tokens = collate.tokenize_captions(tokenizer, answer_list, answer_len)
     answer_ids = tokens["input_ids"].to(device)
@@ -173,8 +180,11 @@ def evaluate_qa(model, loader, answer_list, tokenizer, device, *, k=128, answer_
         if shuffle is not None:
             video = shuffle(video, seen)
         seen += len(video)
+        question_video = batch.get("question_video")
         states = model.encode_question(video.to(device), batch["question_ids"].to(device),
-                                       batch["question_mask"].to(device), generator)
+                                       batch["question_mask"].to(device), generator,
+                                       question_video=(None if question_video is None
+                                                       else question_video.to(device)))
         best, _, _ = rank_answers(model, states, batch["question_mask"].to(device), answer_ids,
                                answer_mask, k=k)
         for question_id, answers, kind, index in zip(batch["question_id"], batch["answers"],

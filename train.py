@@ -382,7 +382,9 @@ def train(args, argv=()):
         return step
 
     run_log.open(stage_dir / "tb")
-    run_log.line(f"{len(dataset)} pairs, {steps_per_epoch} steps of {batch_size} clips an epoch, "
+    items = "questions" if args.task == "qa" else "clips"
+    run_log.line(f"{len(dataset)} {'questions' if args.task == 'qa' else 'pairs'}, "
+                 f"{steps_per_epoch} steps of {batch_size} {items} an epoch, "
                  f"{epochs} epochs, lr {lr:g}, {world} process(es) on {device}; "
                  f"logs in {stage_dir}")
     profiler = start_profiler(stage_dir / "profile") if args.profile and rank == 0 else None

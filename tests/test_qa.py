@@ -1,6 +1,7 @@
 """Tests for video question answering: the QA annotation and answer list (data.py), the answer
 weights, the answer decoder's loss and the ranking of the answer list (qa.py)."""
 
+import itertools
 import json
 
 import numpy as np
@@ -59,6 +60,31 @@ def test_answers_string_or_list_and_outside_the_list(tmp_path, tokenizer):
     assert batch["answer_question"].tolist() == [0, 1, 1]
     assert batch["answer_ids"][:, 0].eq(tokenizer.cls_token_id).all()
     torch.testing.assert_close(batch["answer_weight"], torch.tensor([1.0, 2 / 3, 1 / 3]))
+
+
+def test_questions_of_one_clip_share_its_row(tmp_path, tokenizer):
+    import finetune
+    from run_control import ResumableSampler
+    entries = [{"video": v, "question": "which way does the red square move", "answer": "left"}
+               for v in ("a.mp4", "b.mp4", "a.mp4", "c.mp4", "b.mp4", "a.mp4")]
+    qa = qa_set(tmp_path, entries)
+    assert qa.groups is None                       # not asked: questions are drawn one by one
+    batch = downstream_data.QACollate(tokenizer)([qa[i] for i in range(6)])
+    assert batch["video"].shape[0] == 3            # a, b, c: each clip once
+    assert batch["question_video"].tolist() == [0, 1, 0, 2, 1, 0]
+    torch.testing.assert_close(batch["video"][batch["question_video"]],
+                               torch.stack([qa[i]["video"] for i in range(6)]))
+    # the tiny preset's training batches hold a clip's questions together
+    config = finetune.SViTTConfig(frames=2, image_size=16)
+    grouped = finetune.task_dataset("qa", tmp_path / "qa.json", tmp_path, config, train=True)
+    assert grouped.groups == [item[1] for item in grouped.items]
+    sampler = ResumableSampler(grouped, world=1, rank=0, seed=3, batch_size=3,
+                               groups=grouped.groups)
+    order = [grouped.items[i][1] for _, i in sampler]
+    assert len(order) == 6
+    assert [clip for clip, _ in itertools.groupby(order)] == list(dict.fromkeys(order))  # runs
+    assert not finetune.task_dataset("qa", tmp_path / "qa.json", tmp_path, config,
+                                     train=False).groups
 
 
 def test_entry_without_question_names_the_file(tmp_path):
@@ -174,6 +200,23 @@ def test_loss_weights_repeated_answers():
     torch.testing.assert_close(merged, expected)
     unweighted = loss([0, 1, 2], [1.0, 1.0, 1.0])
     assert not torch.allclose(unweighted, merged)
+
+
+def test_a_clip_encoded_once_for_its_questions():
+    model = small_qa_model()
+    torch.manual_seed(2)
+    video = torch.randn(2, 2, 3, 32, 32)
+    question_ids = torch.randint(5, 40, (3, 6))
+    question_mask = torch.ones(3, 6, dtype=torch.long)
+    rows = torch.tensor([1, 0, 1])
+    shared = model.encode_question(video, question_ids, question_mask,
+                                   torch.Generator().manual_seed(0), question_video=rows)
+    each = model.encode_question(video[rows], question_ids, question_mask,
+                                 torch.Generator().manual_seed(0))
+    torch.testing.assert_close(shared, each)
+    other = model.encode_question(video[torch.tensor([0, 1, 0])], question_ids, question_mask,
+                                  torch.Generator().manual_seed(0))
+    assert not torch.allclose(shared, other)    # the rows do pick each question's clip
 
 
 def test_synthetic_questions_need_time():
