@@ -56,8 +56,9 @@ FINETUNE_STAGES = {
 # at 3e-4 with the text at 1/20 raised it to 10.0 (checkpoints pre-trained with crops and without
 # LayerScale; not tuned again since). QA trains its new decoder, the text side included, at the
 # full rate for 2 epochs at 2.5e-4 (300 steps): from the 200-step 8-frame checkpoint of seed 0, one
-# epoch answered 32.8% at 1e-4, 32.5% at 2.5e-4 and 32.1% at 5e-4, two epochs at 2.5e-4 36.1% (the
-# loss still falling): the answer decoder needs steps more than a larger rate.
+# epoch answered 32.8% at 1e-4, 32.5% at 2.5e-4 and 32.1% at 5e-4, two epochs at 2.5e-4 36.1% (37.5%
+# with a clip's questions batched together, 38.8% with four epochs, over the 10-minute budget): the
+# answer decoder needs steps more than a larger rate.
 TINY_FINETUNE_STAGES = {
     "retrieval": _finetune_stages(curriculum.TINY_STAGES, (12, {4: 32, 8: 32, 16: 16}, 3e-4)),
     "qa": _finetune_stages(curriculum.TINY_STAGES, (2, {4: 32, 8: 32, 16: 16}, 2.5e-4),
@@ -67,8 +68,8 @@ TINY_FINETUNE_STAGES = {
 
 # Presets whose QA training batches hold the questions of a clip together (3 a clip in the
 # synthetic set), each clip encoded once for all of them (downstream_data.QACollate): on the CPU
-# the video encoder is most of a step, so a step of 32 questions from about 11 clips costs 0.41 of
-# one from 32 clips (seed-0 checkpoint, one thread, the two timed in turn: 2.54 s against 6.17 s).
+# the video encoder is most of a step: a forward and backward pass of 32 questions from 11 clips
+# took 0.41 of one from 32 clips (seed-0 checkpoint, one thread, timed in turn: 2.54 s, 6.17 s).
 # `base` draws questions one by one, as the authors' code does.
 QA_BATCHES_BY_CLIP = ("tiny",)
 
