@@ -180,11 +180,9 @@ def evaluate_qa(model, loader, answer_list, tokenizer, device, *, k=128, answer_
         if shuffle is not None:
             video = shuffle(video, seen)
         seen += len(video)
-        question_video = batch.get("question_video")
         states = model.encode_question(video.to(device), batch["question_ids"].to(device),
                                        batch["question_mask"].to(device), generator,
-                                       question_video=(None if question_video is None
-                                                       else question_video.to(device)))
+                                       question_video=batch["question_video"].to(device))
         best, _, _ = rank_answers(model, states, batch["question_mask"].to(device), answer_ids,
                                answer_mask, k=k)
         for question_id, answers, kind, index in zip(batch["question_id"], batch["answers"],

@@ -382,10 +382,9 @@ def train(args, argv=()):
         return step
 
     run_log.open(stage_dir / "tb")
-    items = "questions" if args.task == "qa" else "clips"
-    run_log.line(f"{len(dataset)} {'questions' if args.task == 'qa' else 'pairs'}, "
-                 f"{steps_per_epoch} steps of {batch_size} {items} an epoch, "
-                 f"{epochs} epochs, lr {lr:g}, {world} process(es) on {device}; "
+    items, item = ("questions", "questions") if args.task == "qa" else ("pairs", "clips")
+    run_log.line(f"{len(dataset)} {items}, {steps_per_epoch} steps of {batch_size} {item} an "
+                 f"epoch, {epochs} epochs, lr {lr:g}, {world} process(es) on {device}; "
                  f"logs in {stage_dir}")
     profiler = start_profiler(stage_dir / "profile") if args.profile and rank == 0 else None
     model.train()
