@@ -10,7 +10,9 @@ faster or in less memory, and tests hold each to the plain computation
   BERT attention with dropout computed by the plain softmax on the CPU so that it uses that sampler
   (other devices use PyTorch's own kernels);
 * `keep_freed_memory`: a process-wide allocator setting (glibc) that `train.py` and the attention
-  benchmark make once at start-up.
+  benchmark make once at start-up;
+* `native_bf16`: whether this CPU multiplies bfloat16 matrices in hardware, where `train.py`
+  trains under bf16 autocast as on a GPU (`--precision`).
 
 What each buys is stated in its docstring; `python benchmarks/speedups.py` measures the tiny
 preset's training step with and without them, side by side in one process (figures in
@@ -42,6 +44,19 @@ def keep_freed_memory():
         libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD
     except (OSError, AttributeError):
         pass
+
+
+def native_bf16():
+    """True where the CPU has bfloat16 dot-product instructions (AVX512-BF16 or AMX).
+
+    There oneDNN multiplies bf16 matrices at 2.5 to 4 times the fp32 rate (the tiny preset's
+    linear layers on a 2-core AVX512-BF16 CPU), and a training step under bf16 autocast takes 0.6
+    of the fp32 one (`python benchmarks/speedups.py --precision`); elsewhere bf16 is emulated and
+    slower than fp32. Unlike the rest of this file, autocast changes the arithmetic (bf16 products,
+    fp32 weights and sums), as it does on a GPU; `train.py --precision fp32` turns it off.
+    """
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # private, so looked up
+    return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
 
 
 # --------------------------------------------------------------------------------------------

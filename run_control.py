@@ -190,6 +190,20 @@ def ignore_stop_signals(worker_id):
         signal.signal(signum, signal.SIG_IGN)
 
 
+def close_loader(loader):
+    """Stop the persistent workers of `loader` now (train.py does it when a stage ends, whether
+    it finished or failed).
+
+    They ignore SIGTERM (`ignore_stop_signals`), and at exit Python's multiprocessing terminates
+    daemonic workers with SIGTERM and then waits for them: a loader still alive then (held by a
+    reference cycle until a garbage collection that never came) kept a finished run from exiting.
+    """
+    iterator = getattr(loader, "_iterator", None)
+    if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+        iterator._shutdown_workers()  # sends each worker its stop sentinel and joins it
+    loader._iterator = None
+
+
 # --------------------------------------------------------------------------------------------
 # Checkpoint state
 # --------------------------------------------------------------------------------------------

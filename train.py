@@ -26,6 +26,7 @@ inside an epoch, the log, the stop on a signal) is in `run_control.py`; the setu
 run in `finetune.py`.
 """
 import argparse
+import contextlib
 import logging
 import math
 import os
@@ -47,7 +48,7 @@ from checkpoint import (
     save_checkpoint,
 )
 from config import SViTTConfig, preset
-from cpu_speedups import keep_freed_memory
+from cpu_speedups import keep_freed_memory, native_bf16
 from model import SViTT
 from pretrained import text_model_path
 from run_control import (
@@ -55,6 +56,7 @@ from run_control import (
     RunLog,
     StopRequest,
     check_args,
+    close_loader,
     evaluate_stage,
     ignore_stop_signals,
     restore_training_state,
@@ -124,6 +126,10 @@ def parse_args(argv=None):
                    help="record a few steps with torch.profiler into <stage>/profile "
                         "(TensorBoard plugin)")
     p.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda when available)")
+    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
+                   help="bf16: the forward under bfloat16 autocast (fp32 weights, optimizer and "
+                        "losses); auto: bf16 on GPUs and on CPUs with bf16 instructions "
+                        "(AVX512-BF16, AMX), fp32 elsewhere")
     p.add_argument("--no-eval", action="store_true",
                    help="skip the zero-shot retrieval at the end of the stage")
     p.add_argument("--task", default="pretrain", choices=["pretrain", "retrieval", "qa"],
@@ -290,11 +296,19 @@ def cosine_schedule(optimizer, warmup_steps, total_steps, floor=0.0):
 # Training
 # --------------------------------------------------------------------------------------------
 
-def train_step(model, optimizer, scheduler, batch, device, step):
-    """Step `step` of Sec. A.3: the three losses with equal weights (bf16 autocast on GPUs), their
-    gradient, AdamW and the schedule. -> (the losses as floats, the forward's record)."""
+def use_bf16(precision, device):
+    """--precision -> whether the forward runs under bf16 autocast."""
+    if precision == "auto":
+        return device.type == "cuda" or (device.type == "cpu" and native_bf16())
+    return precision == "bf16"
+
+
+def train_step(model, optimizer, scheduler, batch, device, step, bf16=False):
+    """Step `step` of Sec. A.3: the three losses with equal weights (the forward under bf16
+    autocast with `bf16`), their gradient, AdamW and the schedule. -> (the losses as floats, the
+    forward's record)."""
     tensors = {k: v.to(device, non_blocking=True) for k, v in batch.items() if torch.is_tensor(v)}
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
         out = model(tensors)
     names = [name for name in out if name.startswith("loss")]  # the task's losses
     losses = torch.stack([out[name].detach().float() for name in names])
@@ -309,6 +323,15 @@ def train_step(model, optimizer, scheduler, batch, device, step):
     optimizer.step()
     scheduler.step()
     return values, out["record"]
+
+
+@contextlib.contextmanager
+def closing_loader(loader):
+    """The loader's workers stop when the block ends, however it ends (`close_loader`)."""
+    try:
+        yield loader
+    finally:
+        close_loader(loader)
 
 
 def train(args, argv=()):
@@ -360,12 +383,14 @@ def train(args, argv=()):
                                 config.lr_floor)
     step, epoch = restore_training_state(ckpt, optimizer, scheduler) if exact else (0, 0)
     max_steps = min(total_steps, args.max_steps) if args.max_steps else total_steps
+    bf16 = use_bf16(args.precision, device)
     run = {"epochs": epochs, "batch_size": batch_size, "lr": lr,
            "text_lr_scale": hp["text_lr_scale"], "seed": args.seed,
            "data": str(train_ann), "video_root": str(video_root),
            "test_data": str(test_ann) if test_ann else None, "task": args.task,
            "init": args.init, "paragraph": args.paragraph,
-           "answer_list": str(args.answer_list) if args.answer_list else None}
+           "answer_list": str(args.answer_list) if args.answer_list else None,
+           "precision": "bf16" if bf16 else "fp32"}
 
     save_every = args.save_every or SAVE_EVERY.get(config.preset, SAVE_EVERY["base"])
     checkpoint_path = stage_dir / "last.pt"
@@ -384,19 +409,19 @@ def train(args, argv=()):
     run_log.open(stage_dir / "tb")
     items, item = ("questions", "questions") if args.task == "qa" else ("pairs", "clips")
     run_log.line(f"{len(dataset)} {items}, {steps_per_epoch} steps of {batch_size} {item} an "
-                 f"epoch, {epochs} epochs, lr {lr:g}, {world} process(es) on {device}; "
-                 f"logs in {stage_dir}")
+                 f"epoch, {epochs} epochs, lr {lr:g}, {world} process(es) on {device}, "
+                 f"{'bf16 autocast' if bf16 else 'fp32'}; logs in {stage_dir}")
     profiler = start_profiler(stage_dir / "profile") if args.profile and rank == 0 else None
     model.train()
     saved_step = stopped = None
-    with StopRequest(checkpoint_path) as stop:
+    with StopRequest(checkpoint_path) as stop, closing_loader(loader):
         while epoch < epochs and step < max_steps and not stopped:
             # a resumed epoch skips the batches it has seen; the items carry the epoch
             sampler.set_epoch(epoch, skip_batches=step - epoch * steps_per_epoch)
             for batch in run_log.progress(loader, total=min(len(loader), max_steps - step),
                                           desc=f"T={config.frames} epoch {epoch + 1}/{epochs}"):
                 run_log.batch(batch)
-                values, record = train_step(ddp, optimizer, scheduler, batch, device, step)
+                values, record = train_step(ddp, optimizer, scheduler, batch, device, step, bf16)
                 step += 1
                 if profiler is not None:
                     profiler.step()

@@ -7,9 +7,11 @@ Variants, taking turns in one process on the same model and batch:
             with dropout_p (what PyTorch does without the CPU speed-ups);
   none      both.
 Prints, per variant, the median seconds per clip of a training step (forward + backward) and the
-bytes autograd saves for backward per clip.
+bytes autograd saves for backward per clip. With --precision the variants are instead the model
+as it is in fp32 and under bf16 autocast (`train.py --precision`; fast where the CPU has bf16
+instructions, `cpu_speedups.native_bf16`).
 
-    python benchmarks/speedups.py [--frames 4] [--batch-size 8] [--repeats 5]
+    python benchmarks/speedups.py [--frames 4] [--batch-size 8] [--repeats 5] [--precision]
 """
 import argparse
 import statistics
@@ -74,29 +76,36 @@ def main(argv=None):
     parser.add_argument("--frames", type=int, default=4)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--precision", action="store_true",
+                        help="compare fp32 with bf16 autocast instead of the speed-ups")
     args = parser.parse_args(argv)
     cpu_speedups.keep_freed_memory()
     torch.manual_seed(0)
     config = preset("tiny", frames=args.frames)
     model = model_module.SViTT(config, pretrained=False).train()
     batch = dummy_batch(config, args.batch_size, "cpu")
-    variants = {"all": (True, True), "plain-mlp": (False, True), "torch-dropout": (True, False),
-                "none": (False, False)}
+    variants = {"all": (True, True, False), "plain-mlp": (False, True, False),
+                "torch-dropout": (True, False, False), "none": (False, False, False)}
+    if args.precision:
+        variants = {"all": (True, True, False), "bf16": (True, True, True)}
     times = {name: [] for name in variants}
     memory = {}
     for i in range(args.repeats + 1):
-        for name, (recompute_gelu, cpu_dropout) in variants.items():
+        for name, (recompute_gelu, cpu_dropout, bf16) in variants.items():
             set_variant(model, recompute_gelu=recompute_gelu, cpu_dropout=cpu_dropout)
             model.zero_grad(set_to_none=True)
             start = time.perf_counter()
-            model(batch)["loss"].backward()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                loss = model(batch)["loss"]
+            loss.backward()
             if i:  # the first round warms up
                 times[name].append((time.perf_counter() - start) / args.batch_size)
             if i == 0:
-                memory[name] = saved_bytes(model, batch) / args.batch_size
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                    memory[name] = saved_bytes(model, batch) / args.batch_size
     set_variant(model, recompute_gelu=True, cpu_dropout=True)
     print(f"tiny preset, T={args.frames}, batch {args.batch_size}, {torch.get_num_threads()} "
-          f"threads, "
+          f"threads, bf16 instructions: {cpu_speedups.native_bf16()}, "
           f"median of {args.repeats}: training step per clip, bytes saved for backward per clip")
     base = statistics.median(times["all"])
     for name in variants:

@@ -225,3 +225,93 @@ def test_text_side_trains_at_its_own_learning_rate():
     assert lr_of[id(named["video_encoder.blocks.0.mlp.0.weight"])] == pytest.approx(1e-3)
     assert lr_of[id(named["text_proj.weight"])] == pytest.approx(1e-3)
     assert len(lr_of) == sum(p.requires_grad for p in model.parameters())
+
+
+def test_bf16_autocast_step_keeps_fp32_weights_and_the_fp32_loss():
+    """--precision: under bf16 autocast a training step's loss is the fp32 one up to bf16's
+    rounding (not bitwise: the products really ran in bf16), and weights, gradients and the
+    optimizer stay fp32."""
+    from test_model import make_batch
+    from transformers import AutoTokenizer
+
+    from model import SViTT
+    from pretrained import text_model_path
+    tokenizer = AutoTokenizer.from_pretrained(text_model_path("all-MiniLM-L6-v2"))
+    config = replace(preset("tiny"), frames=4, vision_layers=4, prune_after=[2])
+    batch = make_batch(tokenizer, config)
+    losses = {}
+    for bf16 in (False, True):
+        torch.manual_seed(0)
+        model = SViTT(config)
+        model.train()
+        optimizer = train.make_optimizer(model, 1e-4, 0.02)
+        scheduler = train.cosine_schedule(optimizer, 0, 10)
+        torch.manual_seed(1)  # the same dropout masks and VTM negatives
+        losses[bf16], _ = train.train_step(model, optimizer, scheduler, batch,
+                                           torch.device("cpu"), 0, bf16=bf16)
+        assert all(p.dtype == torch.float32 for p in model.parameters())
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        assert grads and all(g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
+    for name in ("loss_vtc", "loss_vtm", "loss_mlm"):
+        assert losses[True][name] == pytest.approx(losses[False][name], rel=0.05), name
+    assert losses[True]["loss"] != losses[False]["loss"]
+
+
+def test_precision_choice():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert not train.use_bf16("fp32", cpu) and not train.use_bf16("fp32", cuda)
+    assert train.use_bf16("bf16", cpu) and train.use_bf16("auto", cuda)
+    assert train.use_bf16("auto", cpu) == train.native_bf16()
+
+
+
+LOADER_AT_EXIT = """
+import sys, torch
+sys.path.insert(0, {root!r})
+from run_control import close_loader, ignore_stop_signals
+loader = torch.utils.data.DataLoader(list(range(8)), batch_size=2, num_workers=1,
+                                     persistent_workers=True, worker_init_fn=ignore_stop_signals)
+next(iter(loader))
+if sys.argv[1] == "close":
+    close_loader(loader)
+print("done", flush=True)
+"""
+
+
+@pytest.mark.parametrize("close", [True, False])
+def test_a_run_exits_with_its_loader_alive(tmp_path, close):
+    """Persistent workers ignore SIGTERM; a loader still alive at exit (here a global) made the
+    process wait for them forever unless close_loader stopped them first."""
+    script = tmp_path / "loader_at_exit.py"
+    script.write_text(LOADER_AT_EXIT.format(root=str(ROOT)))
+    process = subprocess.Popen([sys.executable, str(script), "close" if close else "keep"],
+                               stdout=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        process.wait(timeout=60 if close else 8)
+        exited = True
+    except subprocess.TimeoutExpired:
+        exited = False
+        os.killpg(process.pid, 9)
+        process.wait()
+    assert "done" in process.stdout.read()
+    assert exited == close
+
+
+def test_training_exits_with_its_loader_workers(clips, tmp_path):
+    """train.py with a worker process exits once the stage is done, even where no garbage
+    collection frees its loader (disabled here): the stage stops the workers itself."""
+    code = ("import gc, sys; gc.disable(); sys.path.insert(0, {root!r}); import train; "
+            "train.main({argv!r})").format(root=str(ROOT), argv=[
+                "--data", clips["train"], "--video-root", clips["video_root"],
+                "--output-dir", str(tmp_path), "--batch-size", "4", "--workers", "1",
+                "--no-eval", "--frames", "4", "--max-steps", "1"])
+    process = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, start_new_session=True,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        returncode = process.wait(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, 9)
+        process.wait()
+        returncode = None
+    assert returncode == 0
+    assert torch.load(tmp_path / "frames4" / "last.pt", weights_only=True)["step"] == 1
