@@ -58,7 +58,7 @@ FINETUNE_STAGES = {
 # full rate for 4 epochs at 2.5e-4 (600 steps): from the 200-step 8-frame checkpoint of seed 0, one
 # epoch answered 32.8% at 1e-4, 32.5% at 2.5e-4 and 32.1% at 5e-4, two epochs at 2.5e-4 36.1%: the
 # answer decoder needs steps more than a larger rate. From the 350-step checkpoints (three seeds)
-# two epochs answered 36.4% (34.6-40.6), four 57.6 / 50.0 / ... (the README); under bf16 autocast
+# two epochs answered 36.4% (34.6-40.6), four 50.0% (45.2-57.6; the README); under bf16 autocast
 # four fit the 10-minute budget.
 TINY_FINETUNE_STAGES = {
     "retrieval": _finetune_stages(curriculum.TINY_STAGES, (12, {4: 32, 8: 32, 16: 16}, 3e-4)),
