@@ -172,12 +172,17 @@ def test_ranking_with_k_the_whole_list_is_brute_force():
     assert best.tolist() == expected.tolist()
 
 
+def question_inputs(seed, questions):
+    """Two clips of small_qa_model's shape and `questions` full-length questions of 6 tokens."""
+    torch.manual_seed(seed)
+    video = torch.randn(2, 2, 3, 32, 32)
+    question_ids = torch.randint(5, 40, (questions, 6))
+    return video, question_ids, torch.ones(questions, 6, dtype=torch.long)
+
+
 def test_loss_weights_repeated_answers():
     model = small_qa_model()
-    torch.manual_seed(1)
-    video = torch.randn(2, 2, 3, 32, 32)
-    question_ids = torch.randint(5, 40, (2, 6))
-    question_mask = torch.ones(2, 6, dtype=torch.long)
+    video, question_ids, question_mask = question_inputs(1, 2)
     answers = torch.tensor([[2, 5, 3, 0], [2, 9, 10, 3], [2, 7, 3, 0]])
     answer_mask = (answers != 0).long()
 
@@ -204,10 +209,7 @@ def test_loss_weights_repeated_answers():
 
 def test_a_clip_encoded_once_for_its_questions():
     model = small_qa_model()
-    torch.manual_seed(2)
-    video = torch.randn(2, 2, 3, 32, 32)
-    question_ids = torch.randint(5, 40, (3, 6))
-    question_mask = torch.ones(3, 6, dtype=torch.long)
+    video, question_ids, question_mask = question_inputs(2, 3)
     rows = torch.tensor([1, 0, 1])
     shared = model.encode_question(video, question_ids, question_mask,
                                    torch.Generator().manual_seed(0), question_video=rows)
