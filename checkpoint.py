@@ -3,7 +3,7 @@
 A checkpoint is a dict of plain Python types and tensors, so `torch.load(weights_only=True)` reads
 it: model, optimizer, scheduler, step, epoch, rng, config (`SViTTConfig.to_dict()`) and run (the
 run's data and hyper-parameters). `train.py` writes one per stage as
-`<output-dir>/frames<T>/last.pt`, every `--save-every` steps and after each epoch; the one
+`<output-dir>/frames<T>/last.pt`, every `--save-every` steps and at the end; the one
 before it stays as `prev.pt`. `train.py --resume` and `eval.py` read them with the functions below.
 
     save_checkpoint("checkpoints/frames4/last.pt", {...})

@@ -39,6 +39,7 @@ import finetune
 import qa
 from checkpoint import latest_checkpoint, load_checkpoint, load_model_state
 from config import SViTTConfig
+from cpu_speedups import native_bf16
 from metrics import group_accuracy, group_pairs, retrieval_metrics, rival_wins, spread, token_spread
 from model import SViTT
 from pretrained import text_model_path
@@ -87,6 +88,10 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0,
                    help="seed of the random attention blocks and of --shuffle-frames")
     p.add_argument("--device", default=None)
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "auto"],
+                   help="fp32 (default: the README's figures), or the encoders under bf16 autocast "
+                        "(about half the time on GPUs and on CPUs with bf16 instructions; auto: "
+                        "bf16 there); train.py's end-of-stage check uses the stage's precision")
     p.add_argument("--index", default=None, metavar="PATH",
                    help="index the videos of a folder (recursively), an annotation JSON or one "
                         "video into --output (default index.pt), keeping what it already holds; "
@@ -166,10 +171,11 @@ def evaluate_qa_checkpoint(args, checkpoint, device, overrides):
         return torch.stack([v[shuffled_order(v.shape[0], args.seed, first + i)]
                             for i, v in enumerate(video)])
 
-    return qa.evaluate_qa_split(model, config, checkpoint, annotation, video_root, answer_list,
-                                device, batch_size=args.batch_size, workers=args.workers,
-                                seed=args.seed, k=args.k,
-                                shuffle=shuffle if args.shuffle_frames else None)
+    with autocast(device, args.bf16):  # answers are scored in fp32 (qa.rank_answers)
+        return qa.evaluate_qa_split(model, config, checkpoint, annotation, video_root,
+                                    answer_list, device, batch_size=args.batch_size,
+                                    workers=args.workers, seed=args.seed, k=args.k,
+                                    shuffle=shuffle if args.shuffle_frames else None)
 
 
 def shuffled_order(frames, seed, index):
@@ -181,8 +187,15 @@ def shuffled_order(frames, seed, index):
             return order
 
 
+def autocast(device, bf16):
+    """The encoders under bf16 autocast (--precision bf16), or as they are; the similarities
+    and scores they give are compared in fp32."""
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16)
+
+
 @torch.no_grad()
-def extract(model, dataset, tokenizer, device, *, batch_size, workers, seed, frame_order=None):
+def extract(model, dataset, tokenizer, device, *, batch_size, workers, seed, frame_order=None,
+            bf16=False):
     """Video tokens and features of every test video, text states and features of every caption.
     frame_order: None, "shuffled" (a random order per clip) or "reversed"."""
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers,
@@ -197,19 +210,21 @@ def extract(model, dataset, tokenizer, device, *, batch_size, workers, seed, fra
         elif frame_order == "reversed":
             video = video.flip(1)  # (B, T, 3, S, S), time reversed
         seen += len(items)
-        tok, index, feat = model.encode_video(video.to(device), generator)
+        with autocast(device, bf16):
+            tok, index, feat = model.encode_video(video.to(device), generator)
         tokens.append(tok.cpu())
         indices.append(index.cpu())
-        video_feats.append(feat.cpu())
+        video_feats.append(feat.float().cpu())
     captions = [caption for caption, _ in dataset.captions]
     text = collate.tokenize_captions(tokenizer, captions, model.config.text_len)
     states, text_feats = [], []
     for start in range(0, len(captions), 128):
         ids = text["input_ids"][start:start + 128].to(device)
         mask = text["attention_mask"][start:start + 128].to(device)
-        s, f = model.encode_text(ids, mask)
+        with autocast(device, bf16):
+            s, f = model.encode_text(ids, mask)
         states.append(s.cpu())
-        text_feats.append(f.cpu())
+        text_feats.append(f.float().cpu())
     return {"video_tokens": torch.cat(tokens), "video_index": torch.cat(indices),
             "video_feat": torch.cat(video_feats), "text_states": torch.cat(states),
             "text_mask": text["attention_mask"], "text_feat": torch.cat(text_feats),
@@ -217,15 +232,16 @@ def extract(model, dataset, tokenizer, device, *, batch_size, workers, seed, fra
 
 
 @torch.no_grad()
-def vtm_scores(model, feats, pairs, device, batch_size=256):
+def vtm_scores(model, feats, pairs, device, batch_size=256, bf16=False):
     """VTM match scores for (text, video) index pairs (P, 2): log p(match), or the match logit
     when the config's vtm_score is "logit" (the authors' code)."""
     scores = []
     for start in range(0, len(pairs), batch_size):
         t, v = pairs[start:start + batch_size].T
-        logits = model.match_logits(feats["text_states"][t].to(device),
-                                    feats["text_mask"][t].to(device),
-                                    feats["video_tokens"][v].to(device))
+        with autocast(device, bf16):
+            logits = model.match_logits(feats["text_states"][t].to(device),
+                                        feats["text_mask"][t].to(device),
+                                        feats["video_tokens"][v].to(device))
         logits = logits.float()
         if model.config.vtm_score == "log_softmax":
             logits = logits.log_softmax(-1)
@@ -233,7 +249,7 @@ def vtm_scores(model, feats, pairs, device, batch_size=256):
     return torch.cat(scores) if scores else torch.zeros(0)
 
 
-def rerank(model, feats, sim, k, device):
+def rerank(model, feats, sim, k, device, bf16=False):
     """Re-score the top k of each row (t2v) and of each column (v2t) by VTM (Singularity).
 
     Returns (t2v, v2t) score matrices (texts, videos): VTM scores on the re-scored entries, placed
@@ -244,19 +260,19 @@ def rerank(model, feats, sim, k, device):
     v2t_top = chosen.clone().scatter_(0, sim.topk(k, dim=0).indices, True)
     pairs = (t2v_top | v2t_top).nonzero()  # (P, 2): (text, video)
     scores = torch.full_like(sim, float("nan"))
-    scores[pairs[:, 0], pairs[:, 1]] = vtm_scores(model, feats, pairs, device)
+    scores[pairs[:, 0], pairs[:, 1]] = vtm_scores(model, feats, pairs, device, bf16=bf16)
     below = sim - 1e4  # below every re-scored entry, in VTC order
     return torch.where(t2v_top, scores, below), torch.where(v2t_top, scores, below)
 
 
 def evaluate(model, dataset, tokenizer, device, *, k, batch_size, workers, seed,
-             frame_order=None):
+             frame_order=None, bf16=False):
     """VTC-only and VTM re-ranked retrieval metrics; where videos have groups, group accuracy
     (VTM re-scores every video of each caption's group for it) and the spread of the features."""
     feats = extract(model, dataset, tokenizer, device, batch_size=batch_size, workers=workers,
-                    seed=seed, frame_order=frame_order)
+                    seed=seed, frame_order=frame_order, bf16=bf16)
     sim = feats["text_feat"] @ feats["video_feat"].T  # (texts, videos), VTC (Eq. 29)
-    t2v, v2t = rerank(model, feats, sim, k, device)
+    t2v, v2t = rerank(model, feats, sim, k, device, bf16)
     truth = (dataset.ground_truth_matrix() if isinstance(dataset, downstream_data.RetrievalDataset)
              else feats["text_video"])  # several right videos per caption (SSv2 templates)
     results = {"vtc": retrieval_metrics(sim, sim, truth), "vtm": retrieval_metrics(t2v, v2t, truth),
@@ -264,7 +280,7 @@ def evaluate(model, dataset, tokenizer, device, *, k, batch_size, workers, seed,
     pairs = group_pairs(feats["text_video"], dataset.video_groups)
     if len(pairs):
         matched = torch.full_like(sim, float("nan"))
-        matched[pairs[:, 0], pairs[:, 1]] = vtm_scores(model, feats, pairs, device)
+        matched[pairs[:, 0], pairs[:, 1]] = vtm_scores(model, feats, pairs, device, bf16=bf16)
         for ranking, scores in (("vtc", sim), ("vtm", matched)):
             results[ranking]["group_acc"] = group_accuracy(scores, feats["text_video"],
                                                            dataset.video_groups)
@@ -374,6 +390,8 @@ def visualize(model, dataset, tokenizer, device, folder, *, count, seed):
 def main(argv=None):
     args = parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    args.bf16 = args.precision == "bf16" or (args.precision == "auto" and (
+        device.type == "cuda" or (device.type == "cpu" and native_bf16())))
     if args.index or args.search is not None or args.embed_text:
         import search
         return search.search_command(args, device, load_model)
@@ -401,9 +419,11 @@ def main(argv=None):
     if paragraph:  # paragraphs are longer than captions (Table 9: 64 tokens for DiDeMo)
         config.text_len = max(config.text_len, finetune.PARAGRAPH_TEXT_LEN)
     tokenizer = data.default_tokenizer(text_model_path(config.text_model))
-    common = dict(k=args.k, batch_size=args.batch_size, workers=args.workers, seed=args.seed)
+    common = dict(k=args.k, batch_size=args.batch_size, workers=args.workers, seed=args.seed,
+                  bf16=args.bf16)
     edges = curriculum.count_config_edges(config)
     result = {"checkpoint": str(checkpoint), "split": str(annotation),
+              "precision": "bf16" if args.bf16 else "fp32",
               "videos": len(dataset.videos),
               "captions": len(dataset.captions), "k": args.k,
               "sparsity": {"frames": config.frames, "block_size": config.block_size,
@@ -414,7 +434,8 @@ def main(argv=None):
     print(f"{checkpoint}: T={config.frames}, (K_l, K_r, G)=({config.local_blocks}, "
           f"{config.random_blocks}, {config.block_size}), (q_v, q_m)=({config.keep_rate_v}, "
           f"{config.keep_rate_m}), {edges.total / 1e6:.3f}M edges, S={edges.sparsity:.2f}; "
-          f"{annotation}: {len(dataset.videos)} videos, {len(dataset.captions)} captions")
+          f"{annotation}: {len(dataset.videos)} videos, {len(dataset.captions)} captions"
+          + ("; encoders under bf16 autocast" if args.bf16 else ""))
 
     if args.sweep:
         values, results = args.sweep_values, []

@@ -21,6 +21,9 @@ encoder that reads order scores near 0 on first-event attributes of reversed cli
     python benchmarks/order_probe.py --num-train 8000       # more training scenes (own folder)
     python benchmarks/order_probe.py --encoder text         # the text side: tiny's pretrained
                                                             # f_t, frozen, pooled as VTC pools
+    python benchmarks/order_probe.py --checkpoint checkpoints/frames8/last.pt  # a trained model:
+                                    # heads on its frozen video and text features, before and
+                                    # after the VTC projection (which side holds the order?)
 
 The text mode asks the same of the captions: is the order of events already in the pretrained text
 encoder's pooled feature (a linear head on it), so that VTC's text projection could read it? A bag
@@ -42,6 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import data  # noqa: E402
 from collate import tokenize_captions  # noqa: E402
 from config import preset  # noqa: E402
+from eval import load_model  # noqa: E402
 from model import SViTT, VideoEncoder  # noqa: E402
 from pretrained import text_model_path  # noqa: E402
 from synthetic import COLOURS, DIRECTIONS, SHAPES, ensure_synthetic, parse_caption  # noqa: E402
@@ -111,12 +115,22 @@ def run_text(args):
         labels = torch.tensor([attribute_labels(c) for c in captions])
         features = text_features([data.clean_caption(c) for c in captions], model, tokenizer)
         splits[split] = (features, labels)
-    (train_x, train_y), (test_x, test_y) = splits["train"], splits["test"]
+    accuracy = linear_heads(*splits["train"], *splits["test"], args.steps)
+    print(f"\ntext ({config.text_model}, frozen, {config.text_pooling} pooling), linear heads, "
+          f"{args.steps} full-batch steps on {len(splits['train'][0])} train captions: test "
+          f"accuracy (%)")
+    print(f"{'':>10}" + "".join(f"{a:>13}" for a in ATTRIBUTES))
+    print(f"{'captions':>10}" + "".join(f"{a:>13.1f}" for a in accuracy))
+
+
+def linear_heads(train_x, train_y, test_x, test_y, steps):
+    """A linear head per attribute on frozen features (standardised), trained full-batch with
+    AdamW; -> the test accuracy (%) of each attribute."""
     mean, std = train_x.mean(0), train_x.std(0) + 1e-6
     sizes = [len(v) for v in VALUES]
     head = nn.Linear(train_x.shape[1], sum(sizes))
     optimizer = torch.optim.AdamW(head.parameters(), lr=1e-2, weight_decay=0.02)
-    for _ in range(args.steps):
+    for _ in range(steps):
         logits = head((train_x - mean) / std).split(sizes, dim=1)
         loss = sum(F.cross_entropy(z, train_y[:, j]) for j, z in enumerate(logits))
         optimizer.zero_grad()
@@ -124,12 +138,56 @@ def run_text(args):
         optimizer.step()
     with torch.no_grad():
         logits = head((test_x - mean) / std).split(sizes, dim=1)
-    accuracy = [100 * (z.argmax(1) == test_y[:, j]).float().mean().item()
-                for j, z in enumerate(logits)]
-    print(f"\ntext ({config.text_model}, frozen, {config.text_pooling} pooling), linear heads, "
-          f"{args.steps} full-batch steps on {len(train_x)} train captions: test accuracy (%)")
-    print(f"{'':>10}" + "".join(f"{a:>13}" for a in ATTRIBUTES))
-    print(f"{'captions':>10}" + "".join(f"{a:>13.1f}" for a in accuracy))
+    return [100 * (z.argmax(1) == test_y[:, j]).float().mean().item()
+            for j, z in enumerate(logits)]
+
+
+@torch.no_grad()
+def checkpoint_features(model, config, annotation, video_root, seed):
+    """A trained model's frozen features of a synthetic split, each (clips, width): the video
+    summary (class token or pooler, `video_pooling`) and its VTC projection, the caption's pooled
+    text feature and its projection; and the labels (clips, 6)."""
+    dataset = data.VideoTextDataset(annotation, video_root, frames=config.frames,
+                                    image_size=config.image_size, train=False,
+                                    mean=config.image_mean, std=config.image_std)
+    generator = torch.Generator().manual_seed(seed)  # the random attention blocks
+    tokenizer = data.default_tokenizer(text_model_path(config.text_model))
+    out = {"video summary": [], "video, joint space": []}
+    captions = []
+    for start in range(0, len(dataset), 32):
+        items = [dataset[i] for i in range(start, min(start + 32, len(dataset)))]
+        _, _, summary = model.video_encoder(torch.stack([item["video"] for item in items]),
+                                            generator)
+        out["video summary"].append(summary)
+        out["video, joint space"].append(F.normalize(model.vision_proj(summary), dim=-1))
+        captions += [item["caption"] for item in items]
+    out = {name: torch.cat(parts) for name, parts in out.items()}
+    text = text_features([data.clean_caption(c) for c in captions], model, tokenizer)
+    out["text summary"] = text
+    out["text, joint space"] = F.normalize(model.text_proj(text), dim=-1)
+    return out, torch.tensor([attribute_labels(c) for c in captions])
+
+
+def run_checkpoint(args):
+    """Linear heads on a trained checkpoint's frozen features (both sides, before and after the
+    VTC projection): where in the joint space the order of events is, and where it is not."""
+    model, config, run = load_model(args.checkpoint, torch.device("cpu"))
+    paths = ensure_synthetic()
+    if run.get("data"):
+        raise SystemExit(f"{args.checkpoint} was trained on {run['data']}: the probe reads the "
+                         f"synthetic captions' attributes, train it on the synthetic data")
+    start = time.perf_counter()
+    train_x, train_y = checkpoint_features(model, config, paths["train"], paths["video_root"],
+                                           args.seed)
+    test_x, test_y = checkpoint_features(model, config, paths["test"], paths["video_root"],
+                                         args.seed)
+    print(f"{args.checkpoint} (T={config.frames}): features of {len(train_y)} train and "
+          f"{len(test_y)} test clips in {time.perf_counter() - start:.0f} s; linear heads, "
+          f"{args.steps} full-batch steps: test accuracy (%)")
+    print(f"{'':>20}" + "".join(f"{a:>13}" for a in ATTRIBUTES))
+    for name in train_x:
+        accuracy = linear_heads(train_x[name], train_y, test_x[name], test_y, args.steps)
+        print(f"{name:>20}" + "".join(f"{a:>13.1f}" for a in accuracy))
 
 
 def make_batch(clips, index, config, train, generator, reverse=False):
@@ -145,6 +203,8 @@ def make_batch(clips, index, config, train, generator, reverse=False):
 
 
 def run(args):
+    if args.checkpoint:
+        return run_checkpoint(args)
     if args.encoder == "text":
         return run_text(args)
     torch.manual_seed(args.seed)
@@ -241,6 +301,9 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num-train", type=int, default=DEFAULT_TRAIN_CLIPS,
                    help="synthetic training clips (test: the default 160)")
+    p.add_argument("--checkpoint", default=None,
+                   help="probe a trained checkpoint's frozen features instead (video and text, "
+                        "before and after the VTC projection); --steps: the heads' steps")
     p.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE",
                    help="tiny-preset config overrides for the ViT, e.g. vision_layers=4")
     run(p.parse_args(argv))

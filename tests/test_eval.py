@@ -71,6 +71,23 @@ def test_shuffle_frames_changes_the_clips(checkpoint, tmp_path):
     assert "shuffled" in result and "shuffled_difference" in result
 
 
+def test_bf16_evaluation_is_close_to_fp32_and_says_so(checkpoint, tmp_path):
+    model, config, run = evaluation.load_model(checkpoint, torch.device("cpu"))
+    dataset = data.VideoTextDataset(run["test_data"], run["video_root"], frames=4,
+                                    image_size=config.image_size, train=False)
+    tokenizer = data.default_tokenizer()
+    common = dict(batch_size=4, workers=0, seed=0)
+    fp32 = evaluation.extract(model, dataset, tokenizer, "cpu", **common)
+    bf16 = evaluation.extract(model, dataset, tokenizer, "cpu", bf16=True, **common)
+    for key in ("video_feat", "text_feat"):  # compared in fp32, computed in bf16
+        assert bf16[key].dtype == torch.float32
+        assert not torch.equal(bf16[key], fp32[key])
+        assert torch.nn.functional.cosine_similarity(bf16[key], fp32[key]).min() > 0.98
+    result = run_eval(checkpoint, tmp_path, "--precision", "bf16", "--k", "4")
+    assert result["precision"] == "bf16" and run_eval(checkpoint, tmp_path)["precision"] == "fp32"
+    assert 0 <= result["vtm"]["t2v_R@1"] <= 100 and "group_acc" in result["vtc"]
+
+
 def test_pictures_and_sweep(checkpoint, tmp_path):
     result = run_eval(checkpoint, tmp_path, "--visualize", str(tmp_path / "pictures"),
                       "--num-pictures", "2",

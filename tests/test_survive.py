@@ -218,3 +218,13 @@ def test_bad_flag_is_one_line(clips, tmp_path, extra, message):
     assert "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1] == message.format(tmp=tmp_path)
     assert not (tmp_path / "out" / "frames4" / "last.pt").exists()
+
+
+def test_checkpoints_every_save_every_steps_and_at_the_end(clips, tmp_path, monkeypatch):
+    saved = []
+    real = train.save_checkpoint
+    monkeypatch.setattr(train, "save_checkpoint",
+                        lambda path, state: saved.append(state["step"]) or real(path, state))
+    # 4 steps an epoch: the epoch's end (step 4) is no reason to write one
+    run(clips, tmp_path, "--max-steps", "7", "--epochs", "2", "--save-every", "3")
+    assert saved == [3, 6, 7]

@@ -1,3 +1,4 @@
+import copy
 import os
 import subprocess
 import sys
@@ -225,6 +226,26 @@ def test_text_side_trains_at_its_own_learning_rate():
     assert lr_of[id(named["video_encoder.blocks.0.mlp.0.weight"])] == pytest.approx(1e-3)
     assert lr_of[id(named["text_proj.weight"])] == pytest.approx(1e-3)
     assert len(lr_of) == sum(p.requires_grad for p in model.parameters())
+
+
+def test_fused_adamw_steps_as_the_per_tensor_loop():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.LayerNorm(8))
+    reference, start = copy.deepcopy(model), copy.deepcopy(model)
+    optimizer = train.make_optimizer(model, 1e-2, 0.02)
+    assert optimizer.defaults["fused"]
+    loop = torch.optim.AdamW([{"params": [reference[0].weight], "weight_decay": 0.02},
+                              {"params": [reference[0].bias, *reference[1].parameters()],
+                               "weight_decay": 0.0}], lr=1e-2, foreach=False)
+    for _ in range(3):
+        x = torch.randn(4, 8)
+        for m, opt in ((model, optimizer), (reference, loop)):
+            opt.zero_grad()
+            m(x).square().sum().backward()
+            opt.step()
+    for a, b in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert not torch.equal(model[0].weight, start[0].weight)  # it did step
 
 
 def test_bf16_autocast_step_keeps_fp32_weights_and_the_fp32_loss():
