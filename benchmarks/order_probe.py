@@ -173,7 +173,7 @@ def run_checkpoint(args):
     VTC projection): where in the joint space the order of events is, and where it is not."""
     model, config, run = load_model(args.checkpoint, torch.device("cpu"))
     paths = ensure_synthetic()
-    if run.get("data"):
+    if run.get("data") and Path(run["data"]).resolve() != Path(paths["train"]).resolve():
         raise SystemExit(f"{args.checkpoint} was trained on {run['data']}: the probe reads the "
                          f"synthetic captions' attributes, train it on the synthetic data")
     start = time.perf_counter()

@@ -123,6 +123,11 @@ def test_qa_finetuning_and_evaluation(pretrained, tmp_path):
     assert {p["answer"] for p in out["normal"]["predictions"]} <= set(
         json.loads(open(pretrained["answer_list"]).read()))
     assert "shuffled" in out
+    # under bf16 autocast (the end-of-stage check of a bf16 run) the answers are still ranked
+    fast = evaluation.main(["--task", "qa", "--checkpoints-dir", str(tmp_path), "--workers", "0",
+                            "--batch-size", "8", "--precision", "bf16"])
+    assert fast["questions"] == 20 and {p["answer"] for p in fast["normal"]["predictions"]} <= set(
+        json.loads(open(pretrained["answer_list"]).read()))
     with pytest.raises(SystemExit, match="qa checkpoint"):
         evaluation.main(["--checkpoint", str(result["checkpoint"]), "--workers", "0"])
 
