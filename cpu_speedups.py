@@ -12,7 +12,7 @@ faster or in less memory, and tests hold each to the plain computation
 * `keep_freed_memory`: a process-wide allocator setting (glibc) that `train.py` and the attention
   benchmark make once at start-up;
 * `native_bf16`: whether this CPU multiplies bfloat16 matrices in hardware, where `train.py`
-  trains under bf16 autocast as on a GPU (`--precision`).
+  trains under bf16 autocast as on a GPU (`--precision`, `use_bf16`).
 
 What each buys is stated in its docstring; `python benchmarks/speedups.py` measures the tiny
 preset's training step with and without them, side by side in one process (figures in
@@ -58,6 +58,14 @@ def native_bf16():
     probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # private, so looked up
     return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
 
+
+
+def use_bf16(precision, device):
+    """--precision ("auto", "bf16" or "fp32") -> whether the forward runs under bf16 autocast:
+    with "auto", on GPUs and on CPUs with bf16 instructions (train.py and eval.py alike)."""
+    if precision == "auto":
+        return device.type == "cuda" or (device.type == "cpu" and native_bf16())
+    return precision == "bf16"
 
 # --------------------------------------------------------------------------------------------
 # The MLP with GELU recomputed in backward

@@ -39,7 +39,7 @@ import finetune
 import qa
 from checkpoint import latest_checkpoint, load_checkpoint, load_model_state
 from config import SViTTConfig
-from cpu_speedups import native_bf16
+from cpu_speedups import use_bf16
 from metrics import group_accuracy, group_pairs, retrieval_metrics, rival_wins, spread, token_spread
 from model import SViTT
 from pretrained import text_model_path
@@ -390,8 +390,7 @@ def visualize(model, dataset, tokenizer, device, folder, *, count, seed):
 def main(argv=None):
     args = parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    args.bf16 = args.precision == "bf16" or (args.precision == "auto" and (
-        device.type == "cuda" or (device.type == "cpu" and native_bf16())))
+    args.bf16 = use_bf16(args.precision, device)
     if args.index or args.search is not None or args.embed_text:
         import search
         return search.search_command(args, device, load_model)

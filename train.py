@@ -48,7 +48,7 @@ from checkpoint import (
     save_checkpoint,
 )
 from config import SViTTConfig, preset
-from cpu_speedups import keep_freed_memory, native_bf16
+from cpu_speedups import keep_freed_memory, native_bf16, use_bf16  # noqa: F401 (tests read both)
 from model import SViTT
 from pretrained import text_model_path
 from run_control import (
@@ -302,13 +302,6 @@ def cosine_schedule(optimizer, warmup_steps, total_steps, floor=0.0):
 # --------------------------------------------------------------------------------------------
 # Training
 # --------------------------------------------------------------------------------------------
-
-def use_bf16(precision, device):
-    """--precision -> whether the forward runs under bf16 autocast."""
-    if precision == "auto":
-        return device.type == "cuda" or (device.type == "cpu" and native_bf16())
-    return precision == "bf16"
-
 
 def train_step(model, optimizer, scheduler, batch, device, step, bf16=False):
     """Step `step` of Sec. A.3: the three losses with equal weights (the forward under bf16
