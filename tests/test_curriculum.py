@@ -12,6 +12,7 @@ from curriculum import (
     resize_relative_bias,
     temporal_source,
 )
+from synthetic import Event, scene_clips
 
 
 @pytest.mark.parametrize("frames,edges,sparsity", [(4, 1.48, 0.80), (8, 2.60, 0.91), (16, 4.61,
@@ -92,3 +93,17 @@ def test_expand_touches_only_positions():
     assert new["video.blocks.0.attn.relative_position_bias_table"].shape == (15, 3, 3, 2)
     assert new["video.blocks.0.mlp.weight"] is sd["video.blocks.0.mlp.weight"]
     assert "4 -> 8" in message and "video.pos_embed" in message
+
+
+def test_tiny_batches_hold_whole_synthetic_scenes():
+    # the grouped sampler keeps a group whole only where its size divides the batch: each stage of
+    # the CPU preset must take whole scenes of the synthetic set (the clip, its reversal, the events
+    # swapped, that reversed), so that a clip's own scene is in its batch
+    scene = len(scene_clips((Event("red", "square", (0, 0), (0, 49)),
+                             Event("blue", "circle", (60, 60), (11, 60)))))
+    assert scene == 4
+    for stage in TINY_STAGES.values():
+        assert stage.batch_size % scene == 0, stage
+    # the 8-frame stage, where order is learned, holds few scenes, so most of a clip's in-batch
+    # negatives are its own scene's
+    assert TINY_STAGES[8].batch_size // scene == 2
