@@ -145,8 +145,8 @@ class ResumableSampler(torch.utils.data.Sampler):
     items of whole groups, which are each other's hard negatives in VTC (Eq. 28-29): the groups
     are shuffled, each step's batch of all ranks is a run of consecutive items of that order, and
     rank r takes the r-th slice of it. A group stays whole when its size divides the per-rank
-    batch (the synthetic scenes: groups of 4, batches of 8 or 32); other sizes are split where a
-    batch ends. Without groups the order is DistributedSampler's, as before."""
+    batch (the synthetic scenes: groups of 4, batches of 32); other sizes are split where a batch
+    ends. Without groups the order is DistributedSampler's, as before."""
 
     def __init__(self, dataset, *, world, rank, seed, batch_size, groups=None):
         self.inner = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True,
