@@ -87,6 +87,10 @@ class SViTTConfig:
                                        # negatives come from the item's own group when it has
                                        # another video in the batch: the counterfactual clips and
                                        # captions that only order tells apart
+    vtm_group_share: float = 0.0       # without vtm_group_negatives: the share of VTM's negatives
+                                       # drawn from the item's own group (where the batch holds
+                                       # another of its videos and another group), the rest from
+                                       # other groups; 0: no preference
     vtm_negative_videos: bool = False  # Eq. 30: each clip with a negative caption (2B pairs); True
                                        # adds each caption with a negative clip (3B, authors' code)
     vtm_score: str = "log_softmax"     # retrieval re-ranking by log p(match) ("log_softmax") or the

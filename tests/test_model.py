@@ -409,3 +409,37 @@ def test_vtm_reads_the_multimodal_class_token(tokenizer, vtm_pooling):
     expected = x[:, 0] if vtm_pooling == "cls" else mean
     assert torch.allclose(head_input[0][:3], expected)
     assert not torch.allclose(x[:, 0], mean)
+
+
+@pytest.mark.parametrize("share", [0.5, 1.0])
+def test_vtm_group_share_of_negatives(tokenizer, share):
+    """vtm_group_share: that share of VTM's negative captions comes from the item's own group, the
+    rest from other groups (drawn uniformly, the tiny preset, a group's mate would be 1 in 7)."""
+    torch.manual_seed(0)
+    config = preset("tiny", frames=1, vtm_group_share=share)
+    model = SViTT(config)
+    words = ["red", "blue", "green", "yellow", "white", "purple", "brown", "black"]
+    enc = tokenizer([f"a {w} square moves left" for w in words], padding="max_length",
+                    max_length=config.text_len, truncation=True, return_tensors="pt")
+    size = config.image_size
+    batch = {"video": torch.randn(8, 1, 3, size, size), "input_ids": enc.input_ids,
+             "attention_mask": enc.attention_mask, "video_id": torch.arange(8),
+             "group_id": torch.arange(8) // 2}   # four groups of two
+    seen = []
+    model.multimodal_layers[0].register_forward_hook(
+        lambda module, args, kwargs, out: seen.append(args[0]), with_kwargs=True)
+    in_group = draws = 0
+    with torch.no_grad():
+        for _ in range(30):
+            seen.clear()
+            model(batch)
+            text = seen[0]  # rows: the 8 positives, then each clip's negative caption
+            for i in range(8):
+                caption = [j for j in range(8) if torch.equal(text[8 + i], text[j])]
+                assert len(caption) == 1 and caption[0] != i
+                in_group += caption[0] // 2 == i // 2
+                draws += 1
+    if share == 1.0:
+        assert in_group == draws
+    else:   # 240 draws: a binomial's standard deviation is 0.03 of them
+        assert 0.4 < in_group / draws < 0.6
