@@ -508,30 +508,25 @@ class SViTT(nn.Module):
                 weights_t2v = (text_feat @ video_feat.T * scale).softmax(1)  # (caption, clip)
             else:  # drawn uniformly
                 weights = weights_t2v = torch.ones_like(same_video, dtype=video_feat.dtype)
-            if self.config.vtm_group_negatives and "group_id" in batch:
-                # from the item's own group where another of its videos is in the batch: the same
-                # scene in another order, which only the order of events tells apart
+            # vtm_group_negatives: every negative from the item's own group where another of its
+            # videos is in the batch (the same scene in another order, which only the order of
+            # events tells apart); vtm_group_share: that share from the group, the rest from other
+            # groups (the easy negatives teach f_m to read the video at all, the group's to read
+            # order)
+            share = 1.0 if self.config.vtm_group_negatives else self.config.vtm_group_share
+            if share and "group_id" in batch:
                 group = batch["group_id"]
                 same_group = (group[:, None] == group[None, :]) & (group[:, None] >= 0)
-                has_mate = (same_group & ~same_video).any(1, keepdim=True)
-                weights = torch.where(has_mate, weights * same_group, weights)
-                weights_t2v = torch.where(has_mate, weights_t2v * same_group, weights_t2v)
-            elif self.config.vtm_group_share and "group_id" in batch:
-                # a share of the negatives from the item's own group, the rest from other groups:
-                # the easy negatives teach f_m to read the video at all, the group's to read order
-                group = batch["group_id"]
-                same_group = (group[:, None] == group[None, :]) & (group[:, None] >= 0)
-                mate = same_group & ~same_video
-                other = ~same_group
-                usable = mate.any(1, keepdim=True) & other.any(1, keepdim=True)
-
-                def mix(w):
-                    w_mate, w_other = w * mate, w * other
-                    mixed = (self.config.vtm_group_share * w_mate / w_mate.sum(1, keepdim=True)
-                             + (1 - self.config.vtm_group_share)
-                             * w_other / w_other.sum(1, keepdim=True))
-                    return torch.where(usable, mixed.nan_to_num(0.0), w)
-                weights, weights_t2v = mix(weights), mix(weights_t2v)
+                mate, other = same_group & ~same_video, ~same_group
+                usable = mate.any(1, keepdim=True)
+                if share < 1:
+                    usable = usable & other.any(1, keepdim=True)
+                mixed = []
+                for w in (weights, weights_t2v):
+                    p = (share * (w * mate) / (w * mate).sum(1, keepdim=True)
+                         + (1 - share) * (w * other) / (w * other).sum(1, keepdim=True))
+                    mixed.append(torch.where(usable, p.nan_to_num(0.0), w))
+                weights, weights_t2v = mixed
             # never the clip's own caption nor another caption of its video, unless nothing else is
             # there
             fallback = 1e-12 * ~torch.eye(B, dtype=torch.bool, device=same_video.device)

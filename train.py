@@ -48,7 +48,7 @@ from checkpoint import (
     save_checkpoint,
 )
 from config import SViTTConfig, preset
-from cpu_speedups import keep_freed_memory, native_bf16, use_bf16  # noqa: F401 (tests read both)
+from cpu_speedups import keep_freed_memory, use_bf16
 from model import SViTT
 from pretrained import text_model_path
 from run_control import (
