@@ -134,7 +134,7 @@ def sincos_pos_embed(frames, grid, dim):
 
     A video encoder trained from scratch needs it: its patch embeddings start at an RMS of about
     0.6, a 0.02-std learned embedding 30 times smaller, and AdamW moves a weight by at most about
-    lr a step (0.1 over the tiny preset's 200 steps at 5e-4), so positions, time included, would
+    lr a step (0.175 over the tiny 4-frame stage's 350 steps at 5e-4), so positions, time included, would
     stay almost invisible for the whole run."""
     def axis(positions, channels):  # (n,) -> (n, channels)
         freqs = 1.0 / 10000 ** (torch.arange(channels // 2, dtype=torch.float64) / (channels // 2))
@@ -163,7 +163,7 @@ class ConvStem(nn.Module):
     with a nearby place in the next until attention has learned to. The stem's space-time kernels
     do that from the first step, a learned filter per offset, as early convolutions help a ViT see
     (Xiao et al., 2021) and MViT's space-time patch embedding does; in the probe the summary then
-    reads order. In the quickstart's 200 steps of VTC it learned less than the patch embedding
+    reads order. In a 200-step 4-frame stage of VTC it learned less than the patch embedding
     (the README's recipe table). The kernels are the same for any T, so the 4 -> 8 frame
     expansion carries them over as they are."""
 
