@@ -58,7 +58,7 @@ STAGES = {
 # the synthetic data set is small, so it trains a few epochs at a larger learning rate and a batch
 # that a laptop holds; the learning rate still falls from stage to stage as in Table 9. Its text
 # encoder is pretrained MiniLM and learns at 1/20 of that rate (see train.make_optimizer).
-# The 4-frame stage trains 7 epochs (350 steps, about 8.5 minutes on a 2-core CPU): it learns the
+# The 4-frame stage trains 7 epochs (350 steps, 7.3 minutes alone on a 2-core CPU): it learns the
 # scenes, and the 8-frame stage expanded from it then spends its steps on their order. From a
 # 4-epoch stage (200 steps) the 8-frame model told a clip from its reversal but hardly from its
 # events swapped (group accuracy 44.4, three seeds); from the 7-epoch stage it tells both (the
