@@ -134,8 +134,8 @@ def sincos_pos_embed(frames, grid, dim):
 
     A video encoder trained from scratch needs it: its patch embeddings start at an RMS of about
     0.6, a 0.02-std learned embedding 30 times smaller, and AdamW moves a weight by at most about
-    lr a step (0.175 over the tiny 4-frame stage's 350 steps at 5e-4), so positions, time included, would
-    stay almost invisible for the whole run."""
+    lr a step (0.175 over the tiny 4-frame stage's 350 steps at 5e-4), so positions, time
+    included, would stay almost invisible for the whole run."""
     def axis(positions, channels):  # (n,) -> (n, channels)
         freqs = 1.0 / 10000 ** (torch.arange(channels // 2, dtype=torch.float64) / (channels // 2))
         angles = positions[:, None].double() * freqs[None]
