@@ -523,8 +523,9 @@ class SViTT(nn.Module):
                     usable = usable & other.any(1, keepdim=True)
                 mixed = []
                 for w in (weights, weights_t2v):
-                    p = (share * (w * mate) / (w * mate).sum(1, keepdim=True)
-                         + (1 - share) * (w * other) / (w * other).sum(1, keepdim=True))
+                    w_mate, w_other = w * mate, w * other
+                    p = (share * w_mate / w_mate.sum(1, keepdim=True)
+                         + (1 - share) * w_other / w_other.sum(1, keepdim=True))
                     mixed.append(torch.where(usable, p.nan_to_num(0.0), w))
                 weights, weights_t2v = mixed
             # never the clip's own caption nor another caption of its video, unless nothing else is
