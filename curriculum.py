@@ -5,7 +5,8 @@ model is expanded to 8 frames, then 16, each stage with a lower keep rate. This 
 
 * the stage table of Tables 7 and 9 (`STAGES`, with the CPU preset's scaled values in
   `TINY_STAGES`) and the constraints between stages (Eq. 14-16, `check_curriculum`);
-* the edge and sparsity accounting of a configuration (Eq. 17-19, `count_edges`);
+* the edge and sparsity accounting of a configuration (Eq. 17-19, `count_edges`: Table 7's
+  figures by default, the model's own count with `count_config_edges`);
 * position inflation and temporal resizing as pure tensor functions: absolute position embedding
   from 2D to 3D and from T1 to T2 frames (Eq. 20-23, `resize_pos_embed`), and the relative position
   bias table along time (Eq. 26-27, `resize_relative_bias`);
@@ -128,20 +129,26 @@ class EdgeCount:
 
 def count_edges(frames, local_blocks, random_blocks, block_size, keep_rate_v, keep_rate_m, *,
                 patches_per_frame=196, text_len=32, visual_layers=12, multimodal_layers=3,
-                prune_after=(4, 7, 10), multimodal_prune_after=1):
+                prune_after=(4, 7, 10), multimodal_prune_after=None):
     """Edges and sparsity of a SViTT configuration (Eq. 17-19).
 
     N = patches_per_frame * frames + 1 counts the class token. Visual layer l attends with
     N_v^(l) (K_l + K_r) G edges (Eq. 17), or N_v^(l)^2 when `block_size` is None (dense); after
     the layers in `prune_after` (1-based) the tokens become ceil(q_v N). A multimodal layer has
     N_m^(l) N_t cross-attention edges (Eq. 18); after layer `multimodal_prune_after` the video
-    tokens become ceil(q_m N) (None: q_m shortens none of the counted layers).
+    tokens become ceil(q_m N).
 
-    Table 7's figures (1.48M / 0.80 at T=4, 2.60M / 0.91 at T=8, 4.61M / 0.96 at T=16) follow with
-    `multimodal_prune_after=None`; Table 1's node-sparsity rows (3.99M, 3.97M) with pruning after
-    the first multimodal layer, where the model prunes. Table 1's edge-only rows (2.14M for
-    (1, 3, 56), 3.21M for (1, 5, 56)) do not follow from Eq. 17, which gives 2.19M and 3.24M for
-    them; we keep the formula as the paper states it.
+    The default (None) gives Table 7's figures (1.48M / 0.80 at T=4, 2.60M / 0.91 at T=8,
+    4.61M / 0.96 at T=16): q_m shortens none of the counted layers. `multimodal_prune_after=1`
+    counts as the model computes (it prunes after the first multimodal layer;
+    `count_config_edges` passes the config's choice) and gives Table 1's node-sparsity rows
+    (3.99M, 3.97M).
+
+        count_edges(4, 1, 3, 56, 0.7, 0.1).total                            # 1.48M, Table 7
+        count_edges(4, 1, 3, None, 0.7, 0.1, multimodal_prune_after=1).total  # 3.97M, Table 1
+
+    Table 1's edge-only rows (2.14M for (1, 3, 56), 3.21M for (1, 5, 56)) do not follow from
+    Eq. 17, which gives 2.19M and 3.24M for them; we keep the formula as the paper states it.
 
     When fewer than K_l + K_r blocks exist, a token attends to all of them (`block_layout`), so
     the count uses min(K_l + K_r, ceil((N - 1) / G)) blocks: the same number the model records.
@@ -263,8 +270,7 @@ if __name__ == "__main__":
         print(f"{preset} preset stages (Tables 7, 9):")
         for s in table.values():
             e = count_edges(s.frames, s.local_blocks, s.random_blocks, s.block_size, s.keep_rate_v,
-                            s.keep_rate_m, patches_per_frame=196 if preset == "base" else 49,
-                            multimodal_prune_after=None)
+                            s.keep_rate_m, patches_per_frame=196 if preset == "base" else 49)
             print(f"  T={s.frames:2d} (K_l, K_r, G)=({s.local_blocks}, {s.random_blocks}, "
                   f"{s.block_size}) "
                   f"(q_v, q_m)=({s.keep_rate_v}, {s.keep_rate_m}): {e.total / 1e6:.2f}M edges, "

@@ -82,6 +82,33 @@ def finetune_stage(task: str, frames: int, preset: str = "base") -> Stage:
     return table[frames]
 
 
+# What each task's loss never reaches: pre-training reaches every parameter; retrieval fine-tuning
+# (VTC and VTM) not the MLM head's transform and bias (its decoder is the word embeddings); QA not
+# the VTC projections, the temperature and the VTM head, which SViTTQA keeps so that checkpoints
+# load. `freeze_unused` sets them requires_grad=False: DistributedDataParallel expects a gradient
+# for every trainable parameter and otherwise stops at a fine-tuning run's second step. Frozen,
+# they leave its reducer and the optimizer and stay as loaded, as in one process.
+# find_unused_parameters=True, the authors' choice, gives the same updates but searches the
+# autograd graph for them after every forward; on the CPU the two ran retrieval fine-tuning steps
+# equally fast (benchmarks/README.md), so the cost decided nothing: freezing names what each task
+# trains, and a parameter a change leaves unused by mistake still stops the run at once.
+UNUSED_PARAMETERS = {
+    "pretrain": (),
+    "retrieval": ("mlm_head.",),  # the tied decoder weight is named embeddings.word_embeddings
+    "qa": ("vision_proj.", "text_proj.", "logit_scale", "vtm_head."),
+}
+
+
+def freeze_unused(model, task):
+    """Freeze the parameters `task`'s loss never reaches (UNUSED_PARAMETERS); -> their names."""
+    frozen = [name for name, p in model.named_parameters()
+              if name.startswith(UNUSED_PARAMETERS[task])]
+    for name, p in model.named_parameters():
+        if name in frozen:
+            p.requires_grad_(False)
+    return frozen
+
+
 def model_class(task: str):
     return SViTTQA if task == "qa" else SViTT
 

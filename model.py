@@ -26,6 +26,7 @@ faster on a CPU (and the MLP in less memory).
 
 `python model.py` prints the parameter count and the forward edges of each preset.
 """
+import contextlib
 import math
 
 import torch
@@ -363,6 +364,14 @@ class BertBlock(nn.Module):
         return x, probs
 
 
+def full_precision(x):
+    """A block that computes in fp32 whatever autocast is on for x's device (a no-op where
+    autocast does not exist, as on the meta device the cost counter uses)."""
+    if torch.amp.is_autocast_available(x.device.type):
+        return torch.autocast(x.device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
 def extended_mask(attention_mask, dtype):
     """(B, L) 1/0 padding mask -> additive (B, 1, 1, L) mask for attention."""
     return (1.0 - attention_mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min
@@ -419,18 +428,31 @@ class SViTT(nn.Module):
     # ---- encoders ------------------------------------------------------------------------
     def encode_video(self, video, generator=None, record=None):
         """-> tokens (B, 1 + N', d), their original numbers (B, 1 + N'), normalised features
-        (B, e)."""
+        (B, e), in fp32 under any autocast (`similarity`)."""
         tokens, index, pooled = self.video_encoder(video, generator, record)
-        return tokens, index, F.normalize(self.vision_proj(pooled), dim=-1)
+        with full_precision(pooled):
+            return tokens, index, F.normalize(self.vision_proj(pooled.float()), dim=-1)
 
     def encode_text(self, input_ids, attention_mask):
         """f_t -> hidden states (B, L, C) and normalised features (B, e) of the class token
-        (Eq. 28)."""
+        (Eq. 28), in fp32 under any autocast (`similarity`)."""
         x = self.embeddings(input_ids=input_ids)
         mask = extended_mask(attention_mask, x.dtype)
         for layer in self.text_layers:
             x, _ = layer(x, mask)
-        return x, F.normalize(self.text_proj(self.pool(x, attention_mask)), dim=-1)
+        pooled = self.pool(x, attention_mask)
+        with full_precision(pooled):
+            return x, F.normalize(self.text_proj(pooled.float()), dim=-1)
+
+    def similarity(self, a, b):
+        """Eq. 29's logits s(a_i, b_j) / tau for unit features a (M, e) and b (N, e) -> (M, N), in
+        fp32 under any autocast: at the temperature's bound (1 / tau = 100) bf16's spacing near 100
+        is 0.5, so bf16 logits would be rounded to half a unit before the softmax. The features
+        come in fp32 too (`encode_video`, `encode_text`): a bf16 unit vector's cosines are off by
+        up to ~0.004, 0.4 of a logit at that scale."""
+        with full_precision(a):
+            scale = self.logit_scale.float().clamp(max=math.log(100)).exp()
+            return a.float() @ b.float().T * scale
 
     def pool(self, x, attention_mask, pooling=None):
         """The sequence's summary: its class token, or the mean of its tokens (`pooling`, by
@@ -484,9 +506,8 @@ class SViTT(nn.Module):
         gather = gather_all if self.config.vtc_gather else (lambda x: x)
         all_video, all_text = gather(video_feat), gather(text_feat)
         all_ids = gather(batch["video_id"])
-        scale = self.logit_scale.clamp(max=math.log(100)).exp()
-        sim_v2t = video_feat @ all_text.T * scale  # (B, B_all)
-        sim_t2v = text_feat @ all_video.T * scale
+        sim_v2t = self.similarity(video_feat, all_text)  # (B, B_all), fp32
+        sim_t2v = self.similarity(text_feat, all_video)
         # captions of one video are positives of each other, never negatives
         positive = (batch["video_id"][:, None] == all_ids[None, :]).float()
         target = positive / positive.sum(1, keepdim=True)
@@ -504,8 +525,8 @@ class SViTT(nn.Module):
         with torch.no_grad():
             same_video = batch["video_id"][:, None] == batch["video_id"][None, :]
             if self.config.hard_negatives:  # drawn by VTC similarity, as Singularity and ALBEF do
-                weights = (video_feat @ text_feat.T * scale).softmax(1)  # (clip, caption)
-                weights_t2v = (text_feat @ video_feat.T * scale).softmax(1)  # (caption, clip)
+                weights = self.similarity(video_feat, text_feat).softmax(1)  # (clip, caption)
+                weights_t2v = self.similarity(text_feat, video_feat).softmax(1)  # (caption, clip)
             else:  # drawn uniformly
                 weights = weights_t2v = torch.ones_like(same_video, dtype=video_feat.dtype)
             # vtm_group_negatives: every negative from the item's own group where another of its
@@ -588,14 +609,12 @@ def parameter_count(model):
 
 
 if __name__ == "__main__":
-    from curriculum import count_edges
+    from curriculum import count_config_edges
     for name in ("tiny", "base"):
         config = preset(name)
         with torch.device("meta"):
             model = SViTT(config, pretrained=False)
-        e = count_edges(config.frames, config.local_blocks, config.random_blocks, config.block_size,
-                        config.keep_rate_v, config.keep_rate_m, patches_per_frame=config.grid ** 2,
-                        text_len=config.text_len)
+        e = count_config_edges(config)
         print(f"{name}: {parameter_count(model) / 1e6:.1f}M parameters "
               f"(video {parameter_count(model.video_encoder) / 1e6:.1f}M), T={config.frames}: "
               f"{e.total / 1e6:.3f}M edges, sparsity {e.sparsity:.2f}")

@@ -21,6 +21,7 @@ import os
 import random
 import shlex
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -54,6 +55,12 @@ def check_args(args):
     for flag, value in (("--lr", args.lr), ("--text-lr-scale", args.text_lr_scale)):
         if value is not None and not (math.isfinite(value) and value >= 0):
             raise SystemExit(f"{flag} {value}: must be a finite number, 0 or more")
+    if (args.preset == "base" and args.resume is None and args.task == "pretrain"
+            and not args.beit):
+        raise SystemExit("--preset base starts its video encoder from BEiT (Sec. 5.1): give "
+                         "--beit FOLDER, a transformers BEiT such as "
+                         "microsoft/beit-base-patch16-224-pt22k-ft22k, or --beit none to train it "
+                         "from random weights")
     if args.frames is not None and args.resume is None and args.task == "pretrain":
         stage_of(args.frames, args.preset or "tiny")  # resumed and fine-tuning runs: in build()
     if args.video_root is not None and not Path(args.video_root).is_dir():
@@ -94,10 +101,14 @@ def setup_distributed(device_arg):
     return rank, world, device
 
 
-def seed_everything(seed):
-    torch.manual_seed(seed)
-    np.random.seed(seed)
-    random.seed(seed)
+def seed_everything(seed, rank=0):
+    """torch, NumPy and Python's random seeded with seed + rank, as the authors' code seeds: under
+    torchrun each process draws its own dropout masks and random attention blocks (Eq. 8), where
+    one seed for all would repeat them in every process. Rank 0 draws what a single process
+    would; DistributedDataParallel starts every process from rank 0's weights."""
+    torch.manual_seed(seed + rank)
+    np.random.seed(seed + rank)
+    random.seed(seed + rank)
 
 
 def rng_state():
@@ -106,6 +117,15 @@ def rng_state():
     return {"torch": torch.get_rng_state(), "numpy": [keys.tolist(), pos, has_gauss, gauss],
             "python": list(random.getstate()[1]),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def all_rng_states(world):
+    """rng_state() of every process, in rank order (one all_gather_object under torchrun)."""
+    if world == 1:
+        return [rng_state()]
+    states = [None] * world
+    dist.all_gather_object(states, rng_state())
+    return states
 
 
 def set_rng_state(state):
@@ -208,19 +228,34 @@ def close_loader(loader):
 # Checkpoint state
 # --------------------------------------------------------------------------------------------
 
-def training_state(model, optimizer, scheduler, *, step, epoch, config, run):
-    """The checkpoint of a run: everything a true resume needs to continue exactly."""
+def training_state(model, optimizer, scheduler, *, step, epoch, config, run, world=1):
+    """The checkpoint of a run: everything a true resume needs to continue exactly, the random
+    states of each of its `world` processes among it. Every process calls it (the random states
+    are gathered); the main process writes it."""
     return {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(), "step": step, "epoch": epoch,
-            "rng": rng_state(), "config": config.to_dict(), "run": run}
+            "rng": all_rng_states(world), "config": config.to_dict(), "run": run}
 
 
-def restore_training_state(ckpt, optimizer, scheduler):
-    """Optimizer, schedule and random states of a true resume; -> (step, epoch). (Checkpoints of
-    earlier versions also hold a 'scaler' entry, which is not needed and not read.)"""
+def restore_training_state(ckpt, optimizer, scheduler, *, rank=0, world=1, seed=0,
+                           log_line=log.info):
+    """Optimizer, schedule and this process's random states of a true resume; -> (step, epoch).
+
+    A run resumed with another number of processes cannot continue the random streams: each
+    process then seeds from (seed, step) and its rank, and a line says so. (Checkpoints of
+    earlier versions hold one process's random states, not a list, and may hold a 'scaler' entry,
+    which is not needed and not read.)"""
     optimizer.load_state_dict(ckpt["optimizer"])
     scheduler.load_state_dict(ckpt["scheduler"])
-    set_rng_state(ckpt["rng"])
+    states = ckpt["rng"] if isinstance(ckpt["rng"], list) else [ckpt["rng"]]
+    if len(states) == world:
+        set_rng_state(states[rank])
+    else:
+        log_line(f"the checkpoint holds the random states of {len(states)} process(es), this run "
+                 f"has {world}: each process seeds from --seed, the step and its rank, so the "
+                 f"run does not continue exactly as an unbroken one")
+        fresh = int(np.random.SeedSequence([seed, ckpt["step"]]).generate_state(1)[0]) % 2**31
+        seed_everything(fresh, rank)
     return ckpt["step"], ckpt["epoch"]
 
 
@@ -235,7 +270,7 @@ class RunLog:
     def __init__(self, main_process):
         self.main = main_process
         self.writer = None
-        self.losses, self.skipped, self.skipped_files = [], 0, set()
+        self.losses, self.step_times, self.skipped, self.skipped_files = [], [], 0, set()
         logging.basicConfig(level=logging.INFO if main_process else logging.WARNING,
                             format="%(message)s")
 
@@ -261,6 +296,7 @@ class RunLog:
 
     def step(self, step, values, *, clips, lr, edges, record):
         now = time.perf_counter()
+        self.step_times.append(now - self.tick)
         clips_per_s = clips / (now - self.tick)
         self.tick = now
         self.losses.append(values["loss"])
@@ -278,7 +314,12 @@ class RunLog:
         for name, value in scalars.items():
             self.writer.add_scalar(name, value, step)
 
-    def close(self, *, frames, step, epoch, epochs, steps_per_epoch):
+    def close(self, *, frames, step, epoch, epochs, steps_per_epoch, device=None):
+        if self.step_times:
+            first, *rest = self.step_times  # the first step also warms up: apart
+            times = f"median of the {len(rest)} after it {statistics.median(rest):.3f} s, " \
+                if rest else ""
+            self.line(f"step time: first {first:.3f} s, {times}peak memory {peak_memory(device)}")
         if self.skipped:
             self.line(f"skipped {self.skipped} unreadable clips ({len(self.skipped_files)} "
                       f"files): " + ", ".join(sorted(self.skipped_files)[:20]))
@@ -288,6 +329,15 @@ class RunLog:
                       f"mean loss of the last {len(tail)} steps {sum(tail) / len(tail):.3f}")
         if self.writer is not None:
             self.writer.close()
+
+
+def peak_memory(device=None):
+    """The run's peak memory as text: the GPU's peak allocation on CUDA, else the process's
+    peak resident set (what the operating system saw; DataLoader workers not included)."""
+    if device is not None and torch.device(device).type == "cuda":
+        return f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB (CUDA, allocated)"
+    import resource
+    return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB (process RSS)"
 
 
 class StopRequest:

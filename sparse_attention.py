@@ -71,12 +71,14 @@ def attention_mask(num_tokens, block_size, layout):
     return mask
 
 
-def plain_sparse_attention(q, k, v, block_size, layout, bias=None):
+def plain_sparse_attention(q, k, v, block_size, layout, bias=None, *, check_layout=True):
     """Block-sparse attention (Eq. 5-9), written out: the reading copy of `sparse_attention`.
 
     q, k, v (B, H, 1 + N, D), class token first; layout (N_b, K) from `block_layout`; `bias` as in
-    `sparse_attention`. Returns ``(out, cls_attn)``: out (B, H, 1 + N, D), cls_attn (B, H, N).
+    `sparse_attention` (and its `check_layout`). Returns ``(out, cls_attn)``: out (B, H, 1 + N, D),
+    cls_attn (B, H, N).
     """
+    check_inputs(q, k, v, block_size, layout, check_layout=check_layout)
     L, D = q.shape[2:]
     N, G = L - 1, block_size
     num_blocks = math.ceil(N / G)
@@ -109,7 +111,56 @@ def plain_sparse_attention(q, k, v, block_size, layout, bias=None):
     return torch.cat([cls_out[:, :, None], out], dim=2), cls_probs[:, :, 1:]
 
 
-def sparse_attention(q, k, v, block_size, layout, bias=None, *, impl="auto"):
+def check_inputs(q, k, v, block_size, layout, *, check_layout=True):
+    """Raise ValueError, naming the argument, for inputs the computation would get silently wrong:
+    q, k, v not all (B, H, 1 + N, D) with N >= 1, a block size below 1, a layout that is not one
+    row of distinct block numbers in [0, N_b) per query block (an entry past the last block would
+    re-read the last token; a repeated block would count its keys twice in the softmax).
+
+    `check_layout=False` skips the look at the layout's values (its shape is always checked): it
+    costs a few microseconds on the CPU, but on a GPU reading them waits for the device, so
+    `SparseSelfAttention`, whose layouts come from `block_layout`, skips it."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.ndim != 4:
+            raise ValueError(f"{name} has shape {tuple(t.shape)}: sparse attention takes "
+                             f"(B, H, 1 + N, D) tensors")
+    if k.shape != q.shape or v.shape != q.shape:
+        raise ValueError(f"q, k and v have shapes {tuple(q.shape)}, {tuple(k.shape)}, "
+                         f"{tuple(v.shape)}: they must be the same (B, H, 1 + N, D)")
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"block_size {block_size!r}: must be a whole number of tokens, 1 or more")
+    N = q.shape[2] - 1
+    if N < 1:
+        raise ValueError(f"q has shape {tuple(q.shape)}: its axis 2, 1 + N tokens, holds "
+                         f"{q.shape[2]}; sparse attention needs the class token and at least one "
+                         f"regional token")
+    num_blocks = math.ceil(N / block_size)
+    if layout.ndim != 2 or layout.shape[0] != num_blocks:
+        hint = ""
+        if layout.ndim == 2 and layout.shape[0] == math.ceil((q.shape[1] - 1) / block_size):
+            hint = ("; q looks like (B, 1 + N, H, D): put the heads before the tokens "
+                    "(q.transpose(1, 2))")
+        raise ValueError(f"layout has shape {tuple(layout.shape)}, q {tuple(q.shape)}: a layout "
+                         f"has one row per query block, ceil(N / G) = ceil({N} / {block_size}) = "
+                         f"{num_blocks}, for q, k, v of shape (B, H, 1 + N, D){hint}")
+    if layout.dtype not in (torch.int64, torch.int32) or not 1 <= layout.shape[1] <= num_blocks:
+        raise ValueError(f"layout ({tuple(layout.shape)}, {layout.dtype}): each row lists 1 to "
+                         f"N_b = {num_blocks} key blocks as whole numbers")
+    if not check_layout:
+        return
+    low, high = layout.aminmax()
+    if low < 0 or high >= num_blocks:
+        bad = int(low) if low < 0 else int(high)
+        raise ValueError(f"layout holds block {bad}: key blocks are numbered 0 to {num_blocks - 1} "
+                         f"(N = {N} tokens in blocks of G = {block_size})")
+    repeats = layout.sort(dim=1).values.diff(dim=1) == 0
+    if repeats.any():
+        row = int(repeats.any(dim=1).nonzero()[0, 0])
+        raise ValueError(f"layout row {row} {layout[row].tolist()} lists a block twice: each key "
+                         f"block appears once a row")
+
+
+def sparse_attention(q, k, v, block_size, layout, bias=None, *, impl="auto", check_layout=True):
     """Block-sparse attention over a class token and N regional tokens (Eq. 5-9).
 
     q, k, v: (B, H, 1 + N, D), class token at position 0. `layout` (N_b, K) from `block_layout`.
@@ -124,16 +175,17 @@ def sparse_attention(q, k, v, block_size, layout, bias=None, *, impl="auto"):
     `attention_mask`: "einsum" (`plain_sparse_attention`), "sdpa" (the blocks folded into the batch
     of one 4-D `scaled_dot_product_attention` call, the shape fused CUDA kernels take) and "bmm"
     (`_BlockSparseAttention`, a hand-written backward); "auto": "bmm" to train on CPU, else "sdpa".
+    Inputs it would get wrong are refused, the same way by every implementation (`check_inputs`;
+    `check_layout=False` trusts the layout's values, as for one drawn by `block_layout`).
     """
-    num_blocks = math.ceil((q.shape[2] - 1) / block_size)
-    assert layout.shape[0] == num_blocks, f"layout has {layout.shape[0]} rows, N / G: {num_blocks}"
     if impl == "auto":
         training = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
         impl = "bmm" if training and q.device.type != "cuda" else "sdpa"
     assert impl in ("einsum", "sdpa", "bmm"), f"unknown impl {impl!r}"
+    check_inputs(q, k, v, block_size, layout, check_layout=check_layout)
     layout = layout.to(q.device)
     if impl == "einsum":
-        return plain_sparse_attention(q, k, v, block_size, layout, bias)
+        return plain_sparse_attention(q, k, v, block_size, layout, bias, check_layout=False)
     biases = _edge_biases(q, block_size, layout, bias)
     if impl == "sdpa":
         return _sdpa_sparse_attention(q, k, v, block_size, layout, *biases)
@@ -188,7 +240,8 @@ class SparseSelfAttention(nn.Module):
             num_blocks = math.ceil((x.shape[1] - 1) / self.block_size)
             layout = block_layout(num_blocks, self.local_blocks, self.random_blocks, generator,
                                   device=x.device if generator is None else generator.device)
-            out, cls_attn = sparse_attention(q, k, v, self.block_size, layout, bias, impl=self.impl)
+            out, cls_attn = sparse_attention(q, k, v, self.block_size, layout, bias, impl=self.impl,
+                                             check_layout=False)  # block_layout's: valid
         return self.proj(rearrange(out, "b h l d -> b l (h d)")), cls_attn
 
     def edges(self, num_tokens):
@@ -356,7 +409,9 @@ class _BlockSparseAttention(torch.autograd.Function):
         cls_out = torch.bmm(row_probs, v.view(BH, L, D))  # (B H, 1, D)
 
         # Eq. 9, the class token as a key of every regional query: one more logit per query
-        q_blocks = (_blocks(q[:, :, 1:], G) * scale).reshape(BH, num_blocks, G, D)
+        # contiguous: the product keeps q's strides, which the views below cannot always take
+        # (a batch of one clip whose N is a multiple of G)
+        q_blocks = (_blocks(q[:, :, 1:], G) * scale).reshape(BH, num_blocks, G, D).contiguous()
         col_logits = torch.bmm(q_blocks.view(BH, -1, D), k_cls.transpose(1, 2))  # (B H, N_b G, 1)
         col_logits = col_logits.view(BH, num_blocks, G, 1)
         if column_bias is not None:

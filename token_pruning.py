@@ -28,6 +28,15 @@ def num_kept(num_tokens, keep_rate):
     return min(num_tokens, max(1, math.ceil(keep_rate * num_tokens - 1e-6)))
 
 
+def check_keep_rate(keep_rate):
+    """A keep rate q is a share of the tokens, 0 < q <= 1 (Table 9: 0.7, 0.6, 0.5 and 0.1);
+    anything else (70 for 70%, 0, a negative number) is a ValueError naming it."""
+    if isinstance(keep_rate, bool) or not isinstance(keep_rate, (int, float)) \
+            or not 0 < keep_rate <= 1:
+        raise ValueError(f"keep_rate {keep_rate!r}: must be a share of the tokens, "
+                         f"0 < keep_rate <= 1 (0.7 keeps 70%)")
+
+
 def keep_tokens(x, scores, keep_rate):
     """Eq. 11 / 13: keep the class token and the highest-scoring regional tokens, in order.
 
@@ -39,8 +48,14 @@ def keep_tokens(x, scores, keep_rate):
     Returns (kept, index): kept (B, K, C) and index (B, K), the positions of the kept tokens in x
     (index[:, 0] == 0), sorted so the kept tokens keep their original order.
     """
+    check_keep_rate(keep_rate)
+    if x.ndim != 3:
+        raise ValueError(f"x has shape {tuple(x.shape)}: keep_tokens takes (B, 1 + N, C) tokens, "
+                         f"the class token first")
     B, L, C = x.shape
-    assert scores.shape == (B, L - 1), f"scores {tuple(scores.shape)} must be (B, N) = {(B, L - 1)}"
+    if tuple(scores.shape) != (B, L - 1):
+        raise ValueError(f"scores has shape {tuple(scores.shape)}: one score per regional token, "
+                         f"(B, N) = {(B, L - 1)} for x of shape {tuple(x.shape)}")
     keep = num_kept(L, keep_rate)
     if keep == L:
         index = torch.arange(L, device=x.device).expand(B, L)

@@ -97,7 +97,8 @@ def parse_args(argv=None):
                    help="model preset for a new run (default tiny); a resumed run takes the "
                         "checkpoint's")
     p.add_argument("--beit", default="",
-                   help="transformers BEiT folder to initialise the video encoder (new runs)")
+                   help="transformers BEiT folder or hub id to initialise the video encoder (new "
+                        "runs; --preset base needs it, or 'none' to start it from random weights)")
     p.add_argument("--text-model", default=None,
                    help="BERT name or folder for the text encoder (new runs)")
     p.add_argument("--epochs", type=int, default=None,
@@ -167,7 +168,7 @@ def build(args, log_line):
     if args.resume is None:
         frames = args.frames or 4
         stage = finetune.stage_of(frames, args.preset or "tiny")
-        overrides = {"beit_checkpoint": args.beit}
+        overrides = {"beit_checkpoint": "" if args.beit == "none" else args.beit}
         if args.text_model:
             overrides["text_model"] = args.text_model
         config = stage_config(preset(args.preset or "tiny", **overrides), stage, args.dense)
@@ -342,8 +343,9 @@ def train(args, argv=()):
     keep_freed_memory()
     rank, world, device = setup_distributed(args.device)
     run_log = RunLog(main_process=rank == 0)
-    seed_everything(args.seed)
+    seed_everything(args.seed, rank)  # each process its own dropout and random blocks (Eq. 8)
     model, config, stage, ckpt, exact = build(args, run_log.line)
+    finetune.freeze_unused(model, args.task)  # DDP waits for a gradient of every trainable one
     prefix = "" if args.task == "pretrain" else f"{args.task}_"
     stage_dir = Path(args.output_dir) / f"{prefix}frames{config.frames}"
     edges = curriculum.count_config_edges(config)
@@ -367,6 +369,9 @@ def train(args, argv=()):
     epochs, batch_size, lr = hp["epochs"], hp["batch_size"], hp["lr"]
     if batch_size % world:
         raise SystemExit(f"--batch-size {batch_size}: must divide among the {world} processes")
+    if args.task != "qa" and batch_size // world < 2:
+        raise SystemExit(f"--batch-size {batch_size}: VTC and VTM draw their negatives from the "
+                         f"batch, so each of the {world} process(es) needs at least 2 clips")
     workers = args.workers if args.workers is not None else (4 if device.type == "cuda" else 1)
     loader, sampler, steps_per_epoch = make_loader(
         dataset, config, per_rank=batch_size // world, world=world, rank=rank, seed=args.seed,
@@ -381,7 +386,9 @@ def train(args, argv=()):
     total_steps = epochs * steps_per_epoch
     scheduler = cosine_schedule(optimizer, int(stage.warmup_epochs * steps_per_epoch), total_steps,
                                 config.lr_floor)
-    step, epoch = restore_training_state(ckpt, optimizer, scheduler) if exact else (0, 0)
+    step, epoch = ((0, 0) if not exact else
+                   restore_training_state(ckpt, optimizer, scheduler, rank=rank, world=world,
+                                          seed=args.seed, log_line=run_log.line))
     max_steps = min(total_steps, args.max_steps) if args.max_steps else total_steps
     bf16 = use_bf16(args.precision, device)
     run = {"epochs": epochs, "batch_size": batch_size, "lr": lr,
@@ -396,9 +403,13 @@ def train(args, argv=()):
     checkpoint_path = stage_dir / "last.pt"
 
     def save(reason):
+        # every process's random states (one collective); the main process writes them
+        state = training_state(model, optimizer, scheduler, step=step, epoch=epoch,
+                               config=config, run=run, world=world)
+        if rank != 0:
+            return step
         try:
-            save_checkpoint(checkpoint_path, training_state(
-                model, optimizer, scheduler, step=step, epoch=epoch, config=config, run=run))
+            save_checkpoint(checkpoint_path, state)
         except OSError as error:
             kept = (f"{checkpoint_path} (step {saved_step}) is unchanged" if saved_step
                     else "no checkpoint of this run was written")
@@ -430,7 +441,7 @@ def train(args, argv=()):
                 end_of_epoch = step == (epoch + 1) * steps_per_epoch
                 epoch += end_of_epoch  # the epoch's last batch: a resume starts the next one
                 stopped = stop.agreed(world, device)
-                if rank == 0 and (stopped or step >= max_steps or step % save_every == 0):
+                if stopped or step >= max_steps or step % save_every == 0:  # on every rank
                     saved_step = save("stopping" if stopped else "periodic")
                 if stopped or step >= max_steps:
                     break
@@ -441,7 +452,7 @@ def train(args, argv=()):
         run_log.line(f"profiler trace in {stage_dir / 'profile'} "
                      f"(tensorboard --logdir {stage_dir / 'profile'})")
     run_log.close(frames=config.frames, step=step, epoch=epoch, epochs=epochs,
-                  steps_per_epoch=steps_per_epoch)
+                  steps_per_epoch=steps_per_epoch, device=device)
     if world > 1:
         dist.destroy_process_group()
     if stopped:

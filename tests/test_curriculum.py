@@ -20,8 +20,7 @@ from synthetic import Event, scene_clips
 def test_table7(frames, edges, sparsity):
     s = STAGES[frames]
     e = count_edges(frames, s.local_blocks, s.random_blocks, s.block_size, s.keep_rate_v,
-                    s.keep_rate_m,
-                    multimodal_prune_after=None)
+                    s.keep_rate_m)  # the default counts as Table 7 does
     assert round(e.total / 1e6, 2) == edges
     assert round(e.sparsity, 2) == sparsity
 
@@ -30,12 +29,15 @@ def test_table1_dense_and_node_rows():
     dense = count_edges(4, 1, 3, None, 1.0, 1.0)
     assert dense.total == dense.dense == 12 * 785 ** 2 + 3 * 32 * 785
     assert round(dense.total / 1e6, 2) == 7.47
-    assert round(count_edges(4, 1, 3, None, 0.7, 1.0).total / 1e6, 2) == 3.99
-    assert round(count_edges(4, 1, 3, None, 0.7, 0.1).total / 1e6, 2) == 3.97
+    # node sparsity as the model prunes, q_m after the first multimodal layer
+    assert round(count_edges(4, 1, 3, None, 0.7, 1.0, multimodal_prune_after=1).total / 1e6,
+                 2) == 3.99
+    assert round(count_edges(4, 1, 3, None, 0.7, 0.1, multimodal_prune_after=1).total / 1e6,
+                 2) == 3.97
 
 
 def test_token_counts_per_layer():
-    e = count_edges(4, 1, 3, 56, 0.7, 0.1)
+    e = count_edges(4, 1, 3, 56, 0.7, 0.1, multimodal_prune_after=1)
     assert e.visual_tokens == [785] * 4 + [550] * 3 + [385] * 3 + [270] * 2
     assert e.multimodal_tokens == [270, 27, 27]
     assert e.visual[0] == 785 * 4 * 56 and e.multimodal[1] == 27 * 32

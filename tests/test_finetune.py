@@ -144,3 +144,38 @@ def test_fine_tuning_crops_as_the_checkpoint_was_trained(tmp_path):
         train = finetune.task_dataset("retrieval", entries, tmp_path, config, train=True)
         test = finetune.task_dataset("retrieval", entries, tmp_path, config, train=False)
         assert (train.crop_scale, train.flip, test.flip) == (scale, flip, False)
+
+
+@pytest.mark.parametrize("task", ["pretrain", "retrieval", "qa"])
+def test_each_task_trains_every_parameter_it_leaves_unfrozen(pretrained, task):
+    """After freeze_unused every trainable parameter gets a gradient from the task's loss (what
+    DistributedDataParallel waits for), and each frozen one would have got none."""
+    import data
+    import finetune
+    from checkpoint import load_checkpoint
+    from config import SViTTConfig
+    from pretrained import text_model_path
+
+    ckpt = load_checkpoint(pretrained["checkpoint"])
+    config = SViTTConfig.from_dict(ckpt["config"])
+    if task != "pretrain":
+        config = finetune.finetune_config(config, finetune.stage_of(4, "tiny", task))
+    model = finetune.model_class(task)(config, pretrained=False)
+    finetune.load_initial_state(model, ckpt["model"], "checkpoint")
+    annotation = pretrained["train"] if task == "qa" else str(pretrained["root"] / "train.json")
+    dataset = (finetune.task_dataset(task, annotation, pretrained["video_root"], config, train=True)
+               if task != "pretrain" else
+               data.VideoTextDataset(annotation, pretrained["video_root"], frames=4,
+                                     image_size=config.image_size, train=True))
+    tokenizer = data.default_tokenizer(text_model_path(config.text_model))
+    collate_fn = finetune.task_collate(task, tokenizer, config, seed=0)
+    batch = collate_fn([dataset[(0, i)] for i in range(2)])  # a batch of one clip's questions
+    batch = {k: v for k, v in batch.items() if torch.is_tensor(v)}
+
+    def unreached():
+        model.zero_grad(set_to_none=True)
+        model(batch)["loss"].backward()
+        return {name for name, p in model.named_parameters() if p.requires_grad and p.grad is None}
+
+    assert unreached() == set(finetune.freeze_unused(model, task))
+    assert unreached() == set()

@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -52,7 +54,8 @@ def test_forward_backward(tokenizer, mode, frames):
     # the record follows Eq. 17-19 for the same configuration
     edges = count_edges(frames, config.local_blocks, config.random_blocks, config.block_size,
                         config.keep_rate_v, config.keep_rate_m, patches_per_frame=config.grid ** 2,
-                        text_len=config.text_len, prune_after=config.prune_after)
+                        text_len=config.text_len, prune_after=config.prune_after,
+                        multimodal_prune_after=config.multimodal_prune_after)
     record = out["record"]
     assert record["visual_tokens"] == edges.visual_tokens
     assert record["visual"] == edges.visual
@@ -443,3 +446,26 @@ def test_vtm_group_share_of_negatives(tokenizer, share):
         assert in_group == draws
     else:   # 240 draws: a binomial's standard deviation is 0.03 of them
         assert 0.4 < in_group / draws < 0.6
+
+
+def test_features_and_similarities_in_fp32_under_bf16_autocast(tokenizer):
+    """VTC's logits (Eq. 29) at the temperature's bound 1/tau = 100: bf16 would round them to half
+    a unit (its spacing near 100), so features and products are fp32 under any autocast."""
+    torch.manual_seed(0)
+    config = preset("tiny", frames=1)
+    model = SViTT(config).eval()
+    batch = make_batch(tokenizer, config)
+    with torch.no_grad():
+        model.logit_scale.fill_(math.log(100))
+    a = F.normalize(torch.randn(6, config.embed_dim, dtype=torch.float64), dim=-1)
+    # b close to a's first rows: positives' cosines near 1, logits near 100
+    b = F.normalize(a[:5] + 0.05 * torch.randn(5, config.embed_dim, dtype=torch.float64), dim=-1)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        _, _, video_feat = model.encode_video(batch["video"])
+        _, text_feat = model.encode_text(batch["input_ids"], batch["attention_mask"])
+        logits = model.similarity(a.float(), b.float())
+    assert video_feat.dtype == text_feat.dtype == logits.dtype == torch.float32
+    exact = (a @ b.T * 100).float()
+    torch.testing.assert_close(logits, exact, rtol=0, atol=1e-4)
+    bf16 = (a.bfloat16() @ b.bfloat16().T).float() * 100  # what autocast would have given
+    assert (bf16 - exact).diagonal().abs().max() > 0.1

@@ -247,3 +247,72 @@ def test_chunked_bmm_equals_plain_path(monkeypatch, heads_per_chunk, per_item_bi
         results.append((out, cls_attn, *grads))
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-8)
+
+
+@pytest.mark.parametrize("impl", ["einsum", "sdpa", "bmm"])
+@pytest.mark.parametrize("num_tokens", [28, 30])  # N a multiple of G, and not
+def test_a_batch_of_one_clip(impl, num_tokens):
+    """One clip (B = 1) through the module, forward and backward, as two clips give it: the CPU
+    path once took a view its strides could not give when G divided N."""
+    torch.manual_seed(0)
+    attn = SparseSelfAttention(dim=16, num_heads=2, block_size=7, impl=impl).double()
+    x = torch.randn(2, 1 + num_tokens, 16, dtype=torch.float64)
+    one = x[:1].clone().requires_grad_()
+    both = x.clone().requires_grad_()
+    out_one, _ = attn(one, generator=torch.Generator().manual_seed(3))
+    out_both, _ = attn(both, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(out_one, out_both[:1])
+    out_one.sum().backward()
+    out_both[:1].sum().backward()
+    torch.testing.assert_close(one.grad, both.grad[:1])
+
+
+def bad_inputs(case):
+    """(q, k, v, block_size, layout) with one thing wrong, and the words the error must hold."""
+    g = torch.Generator().manual_seed(0)
+    B, H, N, D, G = 2, 3, 30, 8, 4
+    q, k, v = (torch.randn(B, H, 1 + N, D, generator=g) for _ in range(3))
+    layout = block_layout(math.ceil(N / G), 1, 2, g)  # (8, 3)
+    if case == "past the last block":
+        layout[2, 1] = 8
+        return (q, k, v, G, layout), "layout holds block 8: key blocks are numbered 0 to 7"
+    if case == "negative block":
+        layout[5, 2] = -1
+        return (q, k, v, G, layout), "layout holds block -1"
+    if case == "repeated block":
+        layout[3] = torch.tensor([3, 4, 3])
+        return (q, k, v, G, layout), r"layout row 3 \[3, 4, 3\] lists a block twice"
+    if case == "tokens before heads":
+        t = q.transpose(1, 2).contiguous()  # (B, 1 + N, H, D)
+        return (t, t, t, G, layout), r"q looks like \(B, 1 \+ N, H, D\)"
+    if case == "no regional token":
+        t = q[:, :, :1]
+        return (t, t, t, G, layout[:0]), "needs the class token and at least one regional token"
+    if case == "k of another shape":
+        return (q, k[:, :, :-1], v, G, layout), "q, k and v have shapes"
+    if case == "block size 0":
+        return (q, k, v, 0, layout), "block_size 0"
+    raise ValueError(case)
+
+
+@pytest.mark.parametrize("case", ["past the last block", "negative block", "repeated block",
+                                  "tokens before heads", "no regional token",
+                                  "k of another shape", "block size 0"])
+def test_bad_input_is_one_error_from_every_implementation(case):
+    args, words = bad_inputs(case)
+    messages = set()
+    for impl in ("einsum", "sdpa", "bmm"):
+        with pytest.raises(ValueError, match=words) as error:
+            sparse_attention(*args, impl=impl)
+        messages.add(str(error.value))
+    assert len(messages) == 1, messages
+
+
+def test_layout_values_unchecked_when_asked():
+    """check_layout=False leaves the values alone (SparseSelfAttention's own layouts), the shape
+    is still checked."""
+    args, _ = bad_inputs("repeated block")
+    sparse_attention(*args, impl="sdpa", check_layout=False)
+    q, k, v, G, layout = args
+    with pytest.raises(ValueError, match="one row per query block"):
+        sparse_attention(q, k, v, G, layout[1:], check_layout=False)

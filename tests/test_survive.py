@@ -203,6 +203,12 @@ def test_failed_evaluation_is_one_line_and_keeps_the_checkpoint(clips, tmp_path)
                                          "checkpoints there (Not a directory)"),
     (["--data", "{tmp}/bad.json"], "{tmp}/bad.json: entry 1 {{\"video\": \"b.mp4\"}}: has no "
                                    "'caption' key"),
+    (["--batch-size", "1"], "--batch-size 1: VTC and VTM draw their negatives from the batch, so "
+                            "each of the 1 process(es) needs at least 2 clips"),
+    (["--preset", "base"], "--preset base starts its video encoder from BEiT (Sec. 5.1): give "
+                           "--beit FOLDER, a transformers BEiT such as "
+                           "microsoft/beit-base-patch16-224-pt22k-ft22k, or --beit none to train "
+                           "it from random weights"),
 ])
 def test_bad_flag_is_one_line(clips, tmp_path, extra, message):
     (tmp_path / "file").write_text("")

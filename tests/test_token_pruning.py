@@ -45,3 +45,15 @@ def test_scores():
     assert text_to_video_scores(probs).shape == (2, 10)
     torch.testing.assert_close(text_to_video_scores(probs), probs[:, :, 0, 1:].mean(1))
     assert class_attention_scores(probs[:, :, 0, 1:]).shape == (2, 10)
+
+
+@pytest.mark.parametrize("keep_rate", [70, 1.5, 0, -1, float("nan"), "0.7"])
+def test_keep_rate_outside_0_1_is_an_error(keep_rate):
+    x, scores = torch.randn(2, 11, 4), torch.rand(2, 10)
+    with pytest.raises(ValueError, match=r"keep_rate .*must be a share of the tokens"):
+        keep_tokens(x, scores, keep_rate)
+
+
+def test_scores_of_another_shape_are_an_error():
+    with pytest.raises(ValueError, match=r"scores has shape \(2, 11\): one score per regional"):
+        keep_tokens(torch.randn(2, 11, 4), torch.rand(2, 11), 0.5)

@@ -1,0 +1,141 @@
+"""Multi-process training under torchrun (gloo on the CPU): the three tasks, a random stream per
+process, and a SIGTERM that stops every process after the same step with a checkpoint from which
+the run continues as an unbroken one would."""
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import run_control
+import synthetic
+
+ROOT = Path(__file__).resolve().parent.parent
+PORTS = iter(range(29540, 29560))  # one rendezvous port a launch, so launches never collide
+
+
+@pytest.fixture(scope="module")
+def clips(tmp_path_factory):
+    """8 training clips with their QA set, and a 1-step pre-training checkpoint to fine-tune."""
+    import train
+    root = tmp_path_factory.mktemp("synthetic")
+    paths = synthetic.ensure_synthetic_qa(root, num_train=8, num_test=4, workers=1)
+    out = tmp_path_factory.mktemp("pretrain")
+    train.main(["--data", str(root / "train.json"), "--video-root", paths["video_root"],
+                "--output-dir", str(out), "--batch-size", "4", "--workers", "0", "--no-eval",
+                "--max-steps", "1"])
+    return {**paths, "pretrain": str(root / "train.json"),
+            "checkpoint": str(out / "frames4" / "last.pt")}
+
+
+def torchrun(*args, out, wait=True):
+    """train.py under `torchrun --nproc_per_node=2` on the CPU, its output in files."""
+    out.mkdir(parents=True, exist_ok=True)
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+               f"--master_port={next(PORTS)}", str(ROOT / "train.py"), "--output-dir", str(out),
+               "--batch-size", "4", "--workers", "0", "--no-eval", "--device", "cpu", *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    with open(out / "log.txt", "w") as log:
+        process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log,
+                                   stderr=subprocess.STDOUT)
+    if not wait:
+        return process
+    assert process.wait(timeout=600) == 0, (out / "log.txt").read_text()[-3000:]
+    return (out / "log.txt").read_text()
+
+
+def load(path):
+    return torch.load(path, weights_only=True)
+
+
+def test_pretraining_two_processes_with_a_random_stream_each(clips, tmp_path):
+    log = torchrun("--data", clips["pretrain"], "--video-root", clips["video_root"],
+                   "--max-steps", "2", out=tmp_path)
+    ckpt = load(tmp_path / "frames4" / "last.pt")
+    assert ckpt["step"] == 2 and ckpt["run"]["batch_size"] == 4
+    assert "2 process(es)" in log
+    # seed + rank: each process its own dropout masks and random attention blocks (Eq. 8)
+    assert len(ckpt["rng"]) == 2
+    assert not torch.equal(ckpt["rng"][0]["torch"], ckpt["rng"][1]["torch"])
+
+
+@pytest.mark.parametrize("task", ["retrieval", "qa"])
+def test_finetuning_two_processes(clips, tmp_path, task):
+    """Fine-tuning's losses leave parameters unused (the MLM head; QA's VTC and VTM heads), which
+    DistributedDataParallel would wait for at the second step: finetune.freeze_unused."""
+    extra = (["--data", clips["train"], "--answer-list", clips["answer_list"]] if task == "qa"
+             else ["--data", clips["pretrain"]])
+    torchrun("--task", task, "--init", clips["checkpoint"], "--video-root", clips["video_root"],
+             "--max-steps", "3", *extra, out=tmp_path)
+    ckpt = load(tmp_path / f"{task}_frames4" / "last.pt")
+    assert ckpt["step"] == 3 and ckpt["run"]["task"] == task
+
+
+def test_sigterm_under_torchrun_stops_with_a_checkpoint_and_resume_continues(clips, tmp_path):
+    args = ["--data", clips["pretrain"], "--video-root", clips["video_root"], "--max-steps", "6",
+            "--epochs", "3"]
+    torchrun(*args, out=tmp_path / "unbroken")
+    whole = load(tmp_path / "unbroken" / "frames4" / "last.pt")
+
+    out = tmp_path / "stopped"
+    process = torchrun(*args, "--save-every", "2", out=out, wait=False)
+    last = out / "frames4" / "last.pt"
+    try:
+        deadline = time.monotonic() + 300
+        while not last.exists():
+            assert process.poll() is None, (out / "log.txt").read_text()[-3000:]
+            assert time.monotonic() < deadline, f"no {last} after 300 s"
+            time.sleep(0.05)
+        process.send_signal(signal.SIGTERM)  # torchrun hands it to both processes
+        process.wait(timeout=300)
+    finally:
+        process.kill()
+        process.wait()
+    log = (out / "log.txt").read_text()
+    stopped = load(last)
+    assert 2 < stopped["step"] < 6, log[-3000:]
+    assert f"SIGTERM: stopped after step {stopped['step']} of 6" in log
+    assert len(stopped["rng"]) == 2
+
+    torchrun("--resume", str(last), *args, out=out)
+    resumed = load(last)
+    assert resumed["step"] == whole["step"] == 6
+    for key in whole["model"]:  # each process's random stream continued
+        torch.testing.assert_close(resumed["model"][key], whole["model"][key], rtol=1e-5,
+                                   atol=1e-5)
+
+
+def test_each_rank_draws_its_own_numbers_and_resumes_its_own_state(tmp_path):
+    run_control.seed_everything(0, rank=0)
+    rank0 = torch.rand(4)
+    run_control.seed_everything(0, rank=1)
+    rank1 = torch.rand(4)
+    assert not torch.equal(rank0, rank1)
+    run_control.seed_everything(0)  # rank 0 draws as a single process
+    assert torch.equal(torch.rand(4), rank0)
+
+    class Nothing:  # the optimizer and schedule are not under test here
+        def load_state_dict(self, state):
+            pass
+
+    states = []
+    for rank in range(2):
+        run_control.seed_everything(5, rank)
+        states.append(run_control.rng_state())
+    ckpt = {"rng": states, "step": 7, "epoch": 1, "optimizer": None, "scheduler": None}
+    expected = []
+    for rank in range(2):
+        run_control.set_rng_state(states[rank])
+        expected.append(torch.rand(3))
+    for rank in range(2):
+        run_control.restore_training_state(ckpt, Nothing(), Nothing(), rank=rank, world=2)
+        assert torch.equal(torch.rand(3), expected[rank])
+    # another number of processes: a line says the streams start anew
+    lines = []
+    run_control.restore_training_state(ckpt, Nothing(), Nothing(), rank=0, world=4,
+                                       log_line=lines.append)
+    assert "random states of 2 process(es), this run has 4" in lines[0]
