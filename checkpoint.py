@@ -4,17 +4,22 @@ A checkpoint is a dict of plain Python types and tensors, so `torch.load(weights
 it: model, optimizer, scheduler, step, epoch, rng, config (`SViTTConfig.to_dict()`) and run (the
 run's data and hyper-parameters). `train.py` writes one per stage as
 `<output-dir>/frames<T>/last.pt`, every `--save-every` steps and at the end; the one
-before it stays as `prev.pt`. `train.py --resume` and `eval.py` read them with the functions below.
+before it stays as `prev.pt`. `train.py --resume`, `eval.py` and `search.py` read them with the
+functions below.
 
     save_checkpoint("checkpoints/frames4/last.pt", {...})
     path = latest_checkpoint("checkpoints")      # the newest */last.pt
     ckpt = load_checkpoint(path)
     load_model_state(model, ckpt["model"], path)
+    model, config, run = load_model(path, "cpu", keep_rate_m=1.0)   # evaluation, test-time q_m
 """
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import torch
+
+from config import SViTTConfig
 
 
 def previous_path(path):
@@ -106,3 +111,43 @@ def load_model_state(model, state, source):
             lines.append(f"  other shapes ({len(shapes)}): " + "; ".join(shapes[:8]))
         raise SystemExit("\n".join(lines))
     model.load_state_dict(state)
+
+
+def config_of(ckpt, path):
+    """The SViTTConfig a checkpoint was trained with; one that this version cannot build stops the
+    program with a message naming the file."""
+    try:
+        return SViTTConfig.from_dict(ckpt["config"])
+    except (TypeError, ValueError) as error:
+        raise SystemExit(f"{path}: {error}") from None
+
+
+def sparsity_overrides(config, *, keep_rate_v=None, keep_rate_m=None, blocks=None, dense=False):
+    """The config with test-time sparsity (Table 1, Figs. 4-5); the weights do not change."""
+    if dense:
+        return replace(config, block_size=None, keep_rate_v=1.0, keep_rate_m=1.0)
+    if keep_rate_v is not None:
+        config = replace(config, keep_rate_v=keep_rate_v)
+    if keep_rate_m is not None:
+        config = replace(config, keep_rate_m=keep_rate_m)
+    if blocks is not None:
+        config = replace(config, local_blocks=blocks[0], random_blocks=blocks[1],
+                         block_size=blocks[2])
+    return config
+
+
+def load_model(path, device, task="retrieval", **overrides):
+    """A trained model for evaluation: -> (model in eval mode on `device`, its config, the
+    checkpoint's run info). `overrides` are sparsity_overrides' test-time sparsity; `task` "qa"
+    builds the QA model, and a checkpoint of the other kind is refused with one line."""
+    from model import SViTT
+    from qa import SViTTQA
+    ckpt = load_checkpoint(path, required=("model", "config"))
+    trained_for = ckpt.get("run", {}).get("task", "pretrain")
+    if (task == "qa") != (trained_for == "qa"):
+        raise SystemExit(f"{path} is a {trained_for} checkpoint: evaluate it with "
+                         f"--task {'qa' if trained_for == 'qa' else 'retrieval'}")
+    config = sparsity_overrides(config_of(ckpt, path), **overrides)
+    model = (SViTTQA if task == "qa" else SViTT)(config, pretrained=False)
+    load_model_state(model, ckpt["model"], path)
+    return model.to(device).eval(), config, ckpt.get("run", {})

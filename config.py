@@ -1,9 +1,10 @@
 """SViTT's settings: `SViTTConfig`, a commented field for each choice, and the presets.
 
 `preset("base")` is the paper's model (Sec. 5.1, A.3; Table 9), `preset("tiny")` the CPU default
-at the paper's ratios. Every field is saved in a checkpoint (`to_dict`) and read back from it
-(`from_dict`), so evaluation and a resumed run use what the model was trained with; the README's
-recipe table sets each field against the paper and the authors' code.
+at the paper's ratios; the defaults of `SViTTConfig` are the tiny preset's. Every field is saved in
+a checkpoint (`to_dict`) and read back from it (`from_dict`), so evaluation and a resumed run use
+what the model was trained with; docs/recipe.md sets each field against the paper and the
+authors' code.
 
 Usage::
 
@@ -19,40 +20,29 @@ class SViTTConfig:
     # video encoder f_v (BEiT-style ViT)
     frames: int = 4                    # T, frames per clip
     image_size: int = 112              # input side in pixels
-    patch_size: int = 16               # patches of 16 x 16 pixels
-    stem: str = "patch"                # tokens from frames: BEiT's linear patch embedding
-                                       # ("patch", Eq. 1), or a convolutional stem with 3 x 3 x 3
-                                       # space-time kernels ("conv", model.ConvStem: with it the
-                                       # from-scratch ViT's summary reads order in the order probe,
-                                       # not yet in the quickstart's VTC)
-    space_time_conv: int = 0           # hidden width of a residual space-time convolution over
-                                       # the patch tokens (model.SpaceTimeConv), 0: none (the
-                                       # paper's)
-    # its two kernels over (t, h, w), in frames and patches, odd sizes: the first convolution's
-    # (how far it looks) and the second's (written before these fields: 3 x 3 x 3 both)
-    space_time_kernel: list = field(default_factory=lambda: [3, 3, 3])
-    space_time_out_kernel: list = field(default_factory=lambda: [3, 3, 3])
-    vision_width: int = 128            # d, token width
+    patch_size: int = 16               # patches of 16 x 16 pixels (BEiT's patch embedding, Eq. 1)
+    space_time_conv: int = 64          # hidden width of a residual 3 x 3 x 3 convolution over the
+                                       # patch tokens (model.SpaceTimeConv) for a ViT trained from
+                                       # scratch; 0: none (the paper's, base)
+    vision_width: int = 128            # d, token width (MLP hidden width 4 d)
     vision_layers: int = 12            # L_v
     vision_heads: int = 2              # attention heads (64 wide each)
-    mlp_ratio: float = 4.0             # FFN hidden width / d
     layer_scale: float = 0.1           # BEiT's LayerScale initial value (0 disables it)
-    abs_pos_embed: bool = True         # absolute 3D position embedding (Eq. 20-22)
-    pos_embed_init: str = "normal"     # its start: "normal" (std 0.02, BEiT's) or "sincos"
+    abs_pos_embed: bool = True         # absolute 3D position embedding (Eq. 20-22); trained from
+                                       # scratch it starts as sine-cosine (model.sincos_pos_embed)
     rel_pos_bias: bool = True          # relative position bias over (t, h, w) (Eq. 24-27)
     drop_path: float = 0.0             # stochastic depth of the last block (0 at the first, linear
                                        # between, as BEiT); the BEiT checkpoint's config has 0.1
     video_pooling: str = "cls"         # the video's VTC feature: its class token ("cls", Sec. A.3),
                                        # or BEiT's pooler, a LayerNorm of the mean of the regional
                                        # tokens ("mean", the authors' code)
-    # input normalisation of the frames, per RGB channel: the vision backbone's. Checkpoints
-    # written before this field trained with the ImageNet statistics, the default here
+    # input normalisation of the frames, per RGB channel: the vision backbone's (ImageNet's here)
     image_mean: list = field(default_factory=lambda: [0.485, 0.456, 0.406])
     image_std: list = field(default_factory=lambda: [0.229, 0.224, 0.225])
     horizontal_flip: bool = False      # flip training clips at random (contradicts left/right)
     # training crops: a random resized crop covering this range of the frame's area (Singularity's
     # (0.5, 1)); [1.0, 1.0] trains on whole frames, resized as at test time
-    crop_scale: list = field(default_factory=lambda: [0.5, 1.0])
+    crop_scale: list = field(default_factory=lambda: [1.0, 1.0])
     # edge sparsity (Sec. 3.2); block_size None means dense attention
     block_size: int = 14               # G, tokens per block
     local_blocks: int = 1              # K_l
@@ -68,12 +58,10 @@ class SViTTConfig:
     text_layers: int = 3               # BERT layers of f_t
     multimodal_layers: int = 3         # L_m, BERT layers of f_m (get cross-attention)
     text_len: int = 32                 # N_t, tokens per caption
-    text_pooling: str = "cls"          # what stands for a caption in VTC, VTM and Eq. 12: its class
+    text_pooling: str = "mean"         # what stands for a caption in VTC and Eq. 12: its class
                                        # token ("cls"), or the mean of its tokens ("mean") for text
-                                       # encoders trained that way (MiniLM)
-    vtm_pooling: str | None = "cls"    # what of f_m's output the VTM head reads: its class token
-                                       # (Sec. A.3), or None for text_pooling (what checkpoints
-                                       # written before this field trained with)
+                                       # encoders trained that way (MiniLM). VTM reads f_m's class
+                                       # token either way (Sec. A.3)
     text_config: dict = field(default_factory=dict)  # the BERT config, filled in when built
     # heads and losses
     embed_dim: int = 256               # joint space of VTC
@@ -82,15 +70,8 @@ class SViTTConfig:
                                        # mean (the authors' code: half the VTC weight)
     vtc_gather: bool = True            # VTC negatives from all ranks' clips (Eq. 29 over the batch
                                        # B of Table 9); False: each GPU's own (the authors' code)
-    hard_negatives: bool = True        # VTM negatives drawn by VTC similarity (Singularity, ALBEF)
-    vtm_group_negatives: bool = False  # where a batch carries groups (the `group` key), VTM's
-                                       # negatives come from the item's own group when it has
-                                       # another video in the batch: the counterfactual clips and
-                                       # captions that only order tells apart
-    vtm_group_share: float = 0.0       # without vtm_group_negatives: the share of VTM's negatives
-                                       # drawn from the item's own group (where the batch holds
-                                       # another of its videos and another group), the rest from
-                                       # other groups; 0: no preference
+    hard_negatives: bool = False       # VTM negatives drawn by VTC similarity (Singularity, ALBEF)
+                                       # or uniformly (False)
     vtm_negative_videos: bool = False  # Eq. 30: each clip with a negative caption (2B pairs); True
                                        # adds each caption with a negative clip (3B, authors' code)
     vtm_score: str = "log_softmax"     # retrieval re-ranking by log p(match) ("log_softmax") or the
@@ -101,9 +82,7 @@ class SViTTConfig:
     beit_checkpoint: str = ""
 
     def __post_init__(self):
-        for name, allowed in (("stem", ("patch", "conv")),
-                              ("text_pooling", ("cls", "mean")), ("video_pooling", ("cls", "mean")),
-                              ("vtm_pooling", ("cls", "mean", None)),
+        for name, allowed in (("text_pooling", ("cls", "mean")), ("video_pooling", ("cls", "mean")),
                               ("vtc_directions", ("sum", "mean")),
                               ("vtm_score", ("log_softmax", "logit"))):
             if getattr(self, name) not in allowed:
@@ -118,52 +97,78 @@ class SViTTConfig:
         return self.frames * self.grid ** 2 + 1  # N = T H' W' + 1 (Eq. 1)
 
     def to_dict(self):
-        return asdict(self)
+        return {**asdict(self), "version": VERSION}
 
     @classmethod
     def from_dict(cls, d):
-        known = {f.name for f in fields(cls)}
-        # written before these fields: VTM read text_pooling, frames became patches, and training
-        # crops covered half the frame or more
-        d = {"vtm_pooling": None, "stem": "patch", "crop_scale": [0.5, 1.0], **d}
-        unknown = sorted(set(d) - known)
-        assert not unknown, f"config has keys this version does not know: {unknown}"
+        """The config of a checkpoint. In one written before VERSION 2, fields it lacks take what
+        it was trained with (WRITTEN_BEFORE); fields this version no longer has are dropped where
+        the checkpoint holds what the code now always does (REMOVED), and refused otherwise."""
+        d = dict(d)
+        if d.pop("version", 1) < 2:
+            d = {**WRITTEN_BEFORE, **d}
+            if "vtm_pooling" not in d and d["text_pooling"] != "cls":
+                raise ValueError("the checkpoint predates vtm_pooling: its VTM head read the mean "
+                                 "of f_m's tokens, and this version reads f_m's class token "
+                                 "(Sec. A.3)")
+        for name, value in REMOVED.items():
+            if name not in d:
+                continue
+            held = d.pop(name)
+            if name == "vtm_pooling" and held is None:  # VTM read text_pooling's summary
+                held = d.get("text_pooling")
+            if value is not None and held != value:  # None: any value loads
+                raise ValueError(f"the checkpoint was trained with {name}={held!r}, an option this "
+                                 f"version no longer has (it always uses {value!r})")
+        unknown = sorted(set(d) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ValueError(f"config has keys this version does not know: {unknown}")
         return cls(**d)
+
+
+VERSION = 2  # of the fields: 2 since the tiny preset's values became the defaults
+# what checkpoints written before a field (or before the tiny preset's values became the
+# defaults) trained with
+WRITTEN_BEFORE = {"crop_scale": [0.5, 1.0], "space_time_conv": 0, "text_pooling": "cls",
+                  "hard_negatives": True}
+# options tried and removed (docs/experiments.md), with the one value the code keeps; the initial
+# value of the absolute embedding no longer matters once a checkpoint holds its weights
+REMOVED = {"stem": "patch", "space_time_kernel": [3, 3, 3], "space_time_out_kernel": [3, 3, 3],
+           "mlp_ratio": 4.0, "vtm_pooling": "cls", "vtm_group_negatives": False,
+           "vtm_group_share": 0.0, "pos_embed_init": None}
 
 
 def preset(name, **overrides):
     """'base': the paper's model (BEiT-B/16 at 224 px, BERT-base 9 + 3 layers, G = 56).
-    'tiny': the CPU default, the paper's ratios at 112 px (7 x 7 patches a frame, G = 14, a block
-    2/7 of a frame as 56 is of 14 x 14) with the pretrained MiniLM text encoder (3 + 3 layers),
-    ImageNet normalisation, MLM at 0.15, no flip, no stochastic depth: what it was tuned with.
-    The README's recipe table compares each choice with the paper and the authors' code."""
+    'tiny' (the field defaults): the CPU default, the paper's ratios at 112 px (7 x 7 patches a
+    frame, G = 14, a block 2/7 of a frame as 56 is of 14 x 14) with the pretrained MiniLM text
+    encoder (3 + 3 layers). docs/recipe.md compares each choice with the paper and the authors'
+    code."""
     if name == "base":
         # where the paper is silent, the authors' recipe: BEiT's normalisation (mean and std 0.5),
-        # its stochastic depth, MLM masking half the tokens, flips, and a cosine to 1% of the peak
-        config = SViTTConfig(preset="base", image_size=224, vision_width=768, vision_heads=12,
-                             abs_pos_embed=False, block_size=56, text_model="bert-base-uncased",
-                             text_layers=9, multimodal_layers=3, drop_path=0.1,
-                             image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5],
-                             horizontal_flip=True, mlm_probability=0.5, lr_floor=0.01,
-                             vtm_score="logit")
+        # its stochastic depth, MLM masking half the tokens, flips, crops of half the frame or
+        # more, VTM negatives by similarity and a cosine to 1% of the peak
+        config = SViTTConfig(preset="base", image_size=224, space_time_conv=0, vision_width=768,
+                             vision_heads=12, abs_pos_embed=False, block_size=56,
+                             text_model="bert-base-uncased", text_layers=9, multimodal_layers=3,
+                             text_pooling="cls", drop_path=0.1, image_mean=[0.5, 0.5, 0.5],
+                             image_std=[0.5, 0.5, 0.5], horizontal_flip=True,
+                             crop_scale=[0.5, 1.0], hard_negatives=True, mlm_probability=0.5,
+                             lr_floor=0.01, vtm_score="logit")
     elif name == "tiny":
         # all-MiniLM-L6-v2 was trained with mean pooling: its class token barely depends on the
-        # caption (cosine 0.9999 between captions), so VTC would start from a constant text feature.
+        # caption (cosine 0.9999 between captions), so VTC reads the mean of its tokens.
         # The video encoder, trained from scratch, keeps BEiT's LayerScale (0.1): without it a
         # component shared by all tokens grows in its residual stream within 50 steps until the
         # final LayerNorm leaves every token of a clip the same vector (metrics.token_spread).
         # It trains on whole frames: a crop of half the area keeps both objects' whole paths in
         # 14% of the synthetic clips and cuts one end of a path in 40%, so the caption would say
-        # what the clip no longer shows.
-        # VTM negatives are drawn uniformly (Eq. 30): once VTC knows colours and shapes,
-        # similarity picks the same scene played backwards, which a few minutes of training
-        # cannot yet tell apart
-        # A residual 3 x 3 x 3 convolution over the patch tokens (space_time_conv, 64 hidden
-        # channels) lets the from-scratch encoder compare each place with its neighbours in the
-        # frames before and after from the first step: with it the 8-frame stage tells a clip from
-        # its reversal (the README's results); without it neither stage does
-        config = SViTTConfig(preset="tiny", text_pooling="mean", hard_negatives=False,
-                             pos_embed_init="sincos", crop_scale=[1.0, 1.0], space_time_conv=64)
+        # what the clip no longer shows. VTM negatives are drawn uniformly (Eq. 30): once VTC
+        # knows colours and shapes, similarity picks the same scene played backwards, which a few
+        # minutes of training cannot yet tell apart. The residual space-time convolution lets the
+        # from-scratch encoder compare each place with its neighbours in the frames before and
+        # after from the first step: without it neither stage tells a clip from its reversal
+        config = SViTTConfig()
     else:
         raise ValueError(f"unknown preset {name!r}: choose 'base' or 'tiny'")
     return replace(config, **overrides)

@@ -9,6 +9,7 @@ and the QA task need on top:
                        several videos (SSv2-label); `ground_truth_matrix()` for the metrics
   VideoQADataset       one item per question, answers cleaned and weighted 1/n (answer_weights)
   QACollate            clips, question tokens and every answer's tokens of a batch
+  task_collate         the collate of each task's batches (RetrievalCollate: no MLM inputs)
   load_qa_annotation, load_answer_list, majority_baseline
 
 Usage:
@@ -19,7 +20,7 @@ Usage:
     loader = torch.utils.data.DataLoader(qa_set, batch_size=32,
                                          collate_fn=QACollate(tokenizer, question_len=25))
 
-`finetune.py` picks the dataset and collate of a task; `synthetic.py` writes a QA split in this
+`finetune.py` picks the dataset of a task; `synthetic.py` writes a QA split in this
 format and prints its majority baseline.
 """
 
@@ -28,7 +29,7 @@ import os
 
 import torch
 
-from collate import tokenize_captions
+from collate import VideoTextCollate, make_collate, tokenize_captions
 from data import (
     AnnotationError,
     VideoTextDataset,
@@ -38,6 +39,10 @@ from data import (
     read_json,
     validate_annotation,
 )
+
+QUESTION_LEN = 25        # question tokens (Table 9, QA)
+ANSWER_LEN = 5           # answer tokens, [CLS] and [SEP] included (Table 9, QA)
+PARAGRAPH_TEXT_LEN = 64  # text tokens of paragraph retrieval (Table 9: 64 for DiDeMo)
 
 logger = logging.getLogger("data")  # the loader's warnings, wherever the dataset is defined
 
@@ -186,6 +191,27 @@ class VideoQADataset(VideoTextDataset):
         return item
 
 
+class RetrievalCollate(VideoTextCollate):
+    """Pre-training's batches without the MLM inputs: fine-tuning for retrieval trains VTC and VTM
+    only, and SViTT.forward leaves MLM out when a batch has no mlm_labels."""
+
+    def __call__(self, items):
+        batch = super().__call__(items)
+        del batch["mlm_input_ids"], batch["mlm_labels"]
+        return batch
+
+
+def task_collate(task, tokenizer, config, seed):
+    """The DataLoader collate_fn of a task's batches: "pretrain", "retrieval" or "qa"."""
+    if task == "qa":
+        return QACollate(tokenizer, question_len=QUESTION_LEN, answer_len=ANSWER_LEN)
+    if task == "retrieval":
+        return RetrievalCollate(tokenizer, text_len=config.text_len, mlm_probability=0.0,
+                                seed=seed)
+    return make_collate(tokenizer, text_len=config.text_len,
+                        mlm_probability=config.mlm_probability, seed=seed)
+
+
 class QACollate:
     """collate_fn of VideoQADataset items: clips, questions (question_len tokens) and every
     answer of every question (answer_len tokens, [CLS] first: the decoder's start token).
@@ -196,7 +222,8 @@ class QACollate:
     weight (answer_weights). A class so that spawned DataLoader workers can pickle it.
     """
 
-    def __init__(self, tokenizer, *, question_len: int = 25, answer_len: int = 5):
+    def __init__(self, tokenizer, *, question_len: int = QUESTION_LEN,
+                 answer_len: int = ANSWER_LEN):
         self.tokenizer = tokenizer
         self.question_len = question_len
         self.answer_len = answer_len

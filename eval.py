@@ -7,11 +7,8 @@
     python eval.py --dense                           # everything kept, full attention
     python eval.py --shuffle-frames                  # frames in random order (Table 14)
     python eval.py --sweep keep-rate-v               # recall against q_v, drawn as a PNG (Fig. 5)
+    python eval.py --sweep keep-rate-m 1 0.5 0.1     # ... against q_m, at these values
     python eval.py --visualize pictures/             # kept patches of a few clips (Figs. 6, 8)
-    python eval.py --cost [--preset base]            # Table 2's cost: runs benchmarks/cost.py
-    python eval.py --index VIDEO_DIR --output index.pt    # VTC features of one's own videos
-    python eval.py --search "a dog runs" --index index.pt # text search, VTM re-rank of the top k
-    python eval.py --embed-text captions.txt --output captions.pt  # VTC features of captions
     python eval.py --task qa [--shuffle-frames]      # video QA accuracy (Table 6; finetune.py)
     python eval.py --paragraph --data didemo_test.json --video-root ...   # paragraph retrieval
 
@@ -23,10 +20,12 @@ item counts against it (a constant score gets no credit). Where the annotation g
 scenes also each caption's clip against each single rival of its scene (its reversal, its events
 swapped, both), which tells whether the video or the text encoder reads order. Random attention
 blocks are drawn from a seeded generator so a score can be reproduced.
+
+Searching one's own videos is `search.py`'s command; the cost table (Table 2) is
+`benchmarks/cost.py`'s.
 """
 import argparse
 import json
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -35,15 +34,17 @@ import collate
 import curriculum
 import data
 import downstream_data
-import finetune
 import qa
-from checkpoint import latest_checkpoint, load_checkpoint, load_model_state
-from config import SViTTConfig
+from checkpoint import latest_checkpoint, load_model
 from cpu_speedups import use_bf16
 from metrics import group_accuracy, group_pairs, retrieval_metrics, rival_wins, spread, token_spread
-from model import SViTT
+from pictures import draw_kept_patches, draw_sweep
 from pretrained import text_model_path
 from synthetic import ensure_synthetic, scene_rivals
+
+SWEEPS = {"keep-rate-v": "keep_rate_v", "keep-rate-m": "keep_rate_m"}  # --sweep: config fields
+SWEEP_VALUES = [1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4]
+PICTURES = 4  # clips --visualize draws
 
 
 def parse_args(argv=None):
@@ -57,9 +58,8 @@ def parse_args(argv=None):
                    help="test annotation JSON (default: the test split of the training data)")
     p.add_argument("--video-root", default=None,
                    help="folder the annotation's video paths are relative to")
-    p.add_argument("--k", type=int, default=None,
-                   help="videos (texts) per text (video) re-scored by VTM (default 128; 16 with "
-                        "--search, where 0 ranks by VTC alone)")
+    p.add_argument("--k", type=int, default=128,
+                   help="videos (texts) per text (video) re-scored by VTM (default 128)")
     p.add_argument("--output", default=None, help="write the results as JSON here")
     p.add_argument("--keep-rate-v", type=float, default=None,
                    help="override q_v (visual keep rate)")
@@ -72,17 +72,11 @@ def parse_args(argv=None):
                    help="also evaluate with frames in a random order")
     p.add_argument("--reverse-frames", action="store_true",
                    help="also evaluate with frames in reverse order")
-    p.add_argument("--sweep", choices=["keep-rate-v", "keep-rate-m"], default=None,
-                   help="evaluate a list of keep rates and draw recall against keep rate")
-    p.add_argument("--sweep-values", type=float, nargs="+", default=[1.0, 0.9, 0.8, 0.7, 0.6, 0.5,
-                                                                     0.4])
+    p.add_argument("--sweep", nargs="+", default=None, metavar=("NAME", "VALUE"),
+                   help="keep-rate-v or keep-rate-m, then the keep rates (default 1.0 0.9 ... "
+                        "0.4): evaluate each and draw recall against keep rate")
     p.add_argument("--visualize", default=None, metavar="DIR",
-                   help="write PNGs of the kept patches of a few clips")
-    p.add_argument("--num-pictures", type=int, default=4)
-    p.add_argument("--cost", action="store_true", help="print the cost table (Table 2) and exit")
-    p.add_argument("--preset", default="base", choices=["base", "tiny"], help="preset of --cost")
-    p.add_argument("--timing-preset", default="tiny", choices=["base", "tiny", "none"],
-                   help="preset whose step time --cost measures on the device (none: skip)")
+                   help=f"write PNGs of the kept patches of {PICTURES} clips")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--seed", type=int, default=0,
@@ -92,14 +86,6 @@ def parse_args(argv=None):
                    help="fp32 (default: the README's figures), or the encoders under bf16 autocast "
                         "(about half the time on GPUs and on CPUs with bf16 instructions; auto: "
                         "bf16 there); train.py's end-of-stage check uses the stage's precision")
-    p.add_argument("--index", default=None, metavar="PATH",
-                   help="index the videos of a folder (recursively), an annotation JSON or one "
-                        "video into --output (default index.pt), keeping what it already holds; "
-                        "with --search: the index")
-    p.add_argument("--search", default=None, metavar="QUERY", help="search --index for this text")
-    p.add_argument("--top", type=int, default=10, help="results --search prints")
-    p.add_argument("--embed-text", default=None, metavar="FILE",
-                   help="VTC features of the captions of FILE (one a line) into --output")
     p.add_argument("--task", default="retrieval", choices=["retrieval", "qa"],
                    help="retrieval, or video QA accuracy of a `train.py --task qa` checkpoint")
     p.add_argument("--answer-list", default=None,
@@ -107,41 +93,20 @@ def parse_args(argv=None):
     p.add_argument("--paragraph", action="store_true",
                    help="retrieval: join a video's caption list into one text (default: the run's)")
     args = p.parse_args(argv)
-    if args.k is None:
-        args.k = 16 if args.search is not None else 128
+    if args.sweep:
+        name, *values = args.sweep
+        if name not in SWEEPS:
+            p.error(f"--sweep {name}: choose one of {', '.join(SWEEPS)}")
+        try:
+            args.sweep, args.sweep_values = name, [float(v) for v in values] or SWEEP_VALUES
+        except ValueError:
+            p.error(f"--sweep {name} {' '.join(values)}: keep rates are numbers")
     return args
 
 
 # --------------------------------------------------------------------------------------------
 # Model and data
 # --------------------------------------------------------------------------------------------
-
-def sparsity_overrides(config, *, keep_rate_v=None, keep_rate_m=None, blocks=None, dense=False):
-    """The config with test-time sparsity (Table 1, Figs. 4-5); the weights do not change."""
-    if dense:
-        return replace(config, block_size=None, keep_rate_v=1.0, keep_rate_m=1.0)
-    if keep_rate_v is not None:
-        config = replace(config, keep_rate_v=keep_rate_v)
-    if keep_rate_m is not None:
-        config = replace(config, keep_rate_m=keep_rate_m)
-    if blocks is not None:
-        config = replace(config, local_blocks=blocks[0], random_blocks=blocks[1],
-                         block_size=blocks[2])
-    return config
-
-
-def load_model(path, device, task="retrieval", **overrides):
-    """-> (model in eval mode, its config, the checkpoint's run info)."""
-    ckpt = load_checkpoint(path, required=("model", "config"))
-    trained_for = ckpt.get("run", {}).get("task", "pretrain")
-    if (task == "qa") != (trained_for == "qa"):
-        raise SystemExit(f"{path} is a {trained_for} checkpoint: evaluate it with "
-                         f"--task {'qa' if trained_for == 'qa' else 'retrieval'}")
-    config = sparsity_overrides(SViTTConfig.from_dict(ckpt["config"]), **overrides)
-    model = (qa.SViTTQA if task == "qa" else SViTT)(config, pretrained=False)
-    load_model_state(model, ckpt["model"], path)
-    return model.to(device).eval(), config, ckpt.get("run", {})
-
 
 def test_split(args, run):
     """(annotation, video root) of the evaluation: --data, else the training run's test split."""
@@ -319,87 +284,12 @@ def print_rival_wins(wins):
 # Sweep and pictures
 # --------------------------------------------------------------------------------------------
 
-def draw_sweep(values, results, name, path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    for metric in ("t2v_R@1", "t2v_R@5", "t2v_mean"):
-        ax.plot(values, [r["vtm"][metric] for r in results], marker="o", label=metric)
-    ax.set_xlabel({"keep-rate-v": "visual keep rate q_v",
-                   "keep-rate-m": "cross-modal keep rate q_m"}[name])
-    ax.set_ylabel("recall (%)")
-    ax.invert_xaxis()
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-@torch.no_grad()
-def visualize(model, dataset, tokenizer, device, folder, *, count, seed):
-    """Figs. 6 and 8: per clip, the sampled frames with the patches dropped by visual pruning
-    dimmed (top row), and with only the patches kept by cross-modal pruning lit (bottom row)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    config = model.config
-    mean = torch.tensor(config.image_mean).view(3, 1, 1)
-    std = torch.tensor(config.image_std).view(3, 1, 1)
-    generator = torch.Generator(device).manual_seed(seed)
-    written = []
-    for i in range(min(count, len(dataset))):
-        item = dataset[i]
-        video = item["video"][None].to(device)
-        tokens, index, _ = model.encode_video(video, generator)
-        text = collate.tokenize_captions(tokenizer, [item["caption"]], config.text_len)
-        states, _ = model.encode_text(text["input_ids"].to(device),
-                                      text["attention_mask"].to(device))
-        _, kept = model.fuse(states, text["attention_mask"].to(device), tokens, return_kept=True)
-        visual = index[0, 1:].cpu() - 1  # regional token numbers kept by visual pruning
-        multimodal = index[0].gather(0, kept[0]).cpu()
-        multimodal = multimodal[multimodal > 0] - 1
-        frames = (item["video"] * std + mean).clamp(0, 1)  # (T, 3, S, S)
-        T, S, P = config.frames, config.grid, config.patch_size
-        fig, axes = plt.subplots(2, T, figsize=(1.6 * T, 3.6), squeeze=False)
-        for row, keep in enumerate((visual, multimodal)):
-            lit = torch.zeros(T * S * S)
-            lit[keep] = 1
-            lit = lit.view(T, 1, S, S).repeat_interleave(P, 2).repeat_interleave(P, 3)
-            shown = frames * (0.25 + 0.75 * lit)
-            for t in range(T):
-                axes[row, t].imshow(shown[t].permute(1, 2, 0).numpy())
-                axes[row, t].axis("off")
-            axes[row, 0].set_title(["visual pruning (kept lit)",
-                                    "cross-modal pruning (kept lit)"][row],
-                                   fontsize=7, loc="left")
-        fig.suptitle(item["caption"], fontsize=8)
-        fig.tight_layout()
-        path = folder / f"clip{i:03d}.png"
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        written.append(str(path))
-    return written
-
-
 # --------------------------------------------------------------------------------------------
 
 def main(argv=None):
     args = parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     args.bf16 = use_bf16(args.precision, device)
-    if args.index or args.search is not None or args.embed_text:
-        import search
-        return search.search_command(args, device, load_model)
-    if args.cost:  # the cost table lives with the benchmarks
-        from benchmarks import cost
-        return cost.main(["--preset", args.preset, "--timing-preset", args.timing_preset,
-                          "--device",
-                          str(device)] + (["--output", args.output] if args.output else []))
-
     pattern = "qa_frames*/last.pt" if args.task == "qa" else "*/last.pt"
     checkpoint = (Path(args.checkpoint) if args.checkpoint
                   else latest_checkpoint(args.checkpoints_dir, pattern))
@@ -416,7 +306,7 @@ def main(argv=None):
                                     frames=config.frames, image_size=config.image_size,
                                     train=False, mean=config.image_mean, std=config.image_std)
     if paragraph:  # paragraphs are longer than captions (Table 9: 64 tokens for DiDeMo)
-        config.text_len = max(config.text_len, finetune.PARAGRAPH_TEXT_LEN)
+        config.text_len = max(config.text_len, downstream_data.PARAGRAPH_TEXT_LEN)
     tokenizer = data.default_tokenizer(text_model_path(config.text_model))
     common = dict(k=args.k, batch_size=args.batch_size, workers=args.workers, seed=args.seed,
                   bf16=args.bf16)
@@ -438,7 +328,7 @@ def main(argv=None):
 
     if args.sweep:
         values, results = args.sweep_values, []
-        key = "keep_rate_v" if args.sweep == "keep-rate-v" else "keep_rate_m"
+        key = SWEEPS[args.sweep]
         for value in values:
             swept, _, _ = load_model(checkpoint, device, **{**overrides, key: value})
             results.append(evaluate(swept, dataset, tokenizer, device, **common))
@@ -476,8 +366,8 @@ def main(argv=None):
                           {r: other[r] for r in ("vtc", "vtm")})
             print_metrics(f"normal - {order}", result[f"{order}_difference"])
     if args.visualize:
-        result["pictures"] = visualize(model, dataset, tokenizer, device, args.visualize,
-                                       count=args.num_pictures, seed=args.seed)
+        result["pictures"] = draw_kept_patches(model, dataset, tokenizer, device, args.visualize,
+                                       count=PICTURES, seed=args.seed)
         print(f"wrote {len(result['pictures'])} pictures to {args.visualize}")
     write_result(result, args.output)
     return result

@@ -23,8 +23,6 @@ Usage (the config and its presets are in `config.py`)::
 Pretrained BERT and BEiT weights are loaded by `pretrained.py`; the MLP, dropout and BERT attention
 with dropout come from `cpu_speedups.py`, which computes them as the plain layers would, only
 faster on a CPU (and the MLP in less memory).
-
-`python model.py` prints the parameter count and the forward edges of each preset.
 """
 import contextlib
 import math
@@ -37,6 +35,7 @@ from torch import nn
 
 from config import SViTTConfig, preset  # noqa: F401 (re-exported for `from model import ...`)
 from cpu_speedups import Dropout, Mlp, attention_with_dropout
+from from_scratch import SpaceTimeConv, sincos_pos_embed
 from pretrained import beit_normalisation, load_beit, load_bert, load_bert_layer
 from sparse_attention import SparseSelfAttention
 from token_pruning import class_attention_scores, keep_tokens, text_to_video_scores
@@ -112,8 +111,7 @@ class VisionBlock(nn.Module):
                                         local_blocks=config.local_blocks,
                                         random_blocks=config.random_blocks)
         self.norm2 = nn.LayerNorm(d, eps=1e-12)
-        hidden = int(d * config.mlp_ratio)
-        self.mlp = Mlp(d, hidden)  # Linear -> GELU -> Linear, GELU recomputed in backward
+        self.mlp = Mlp(d, 4 * d)  # Linear -> GELU -> Linear, GELU recomputed in backward
         scale = config.layer_scale if config.layer_scale > 0 else 1.0
         self.lambda_1 = nn.Parameter(torch.full((d,), scale), requires_grad=config.layer_scale > 0)
         self.lambda_2 = nn.Parameter(torch.full((d,), scale), requires_grad=config.layer_scale > 0)
@@ -129,114 +127,6 @@ class VisionBlock(nn.Module):
         return x, cls_attn, edges
 
 
-def sincos_pos_embed(frames, grid, dim):
-    """(T H W, dim) sine-cosine embedding of each patch's (t, h, w), as the Transformer and MAE
-    start theirs: a quarter of the channels for t, three eighths each for h and w.
-
-    A video encoder trained from scratch needs it: its patch embeddings start at an RMS of about
-    0.6, a 0.02-std learned embedding 30 times smaller, and AdamW moves a weight by at most about
-    lr a step (0.175 over the tiny 4-frame stage's 350 steps at 5e-4), so positions, time
-    included, would stay almost invisible for the whole run."""
-    def axis(positions, channels):  # (n,) -> (n, channels)
-        freqs = 1.0 / 10000 ** (torch.arange(channels // 2, dtype=torch.float64) / (channels // 2))
-        angles = positions[:, None].double() * freqs[None]
-        return torch.cat([angles.sin(), angles.cos()], dim=1)
-
-    dt = dim // 4 // 2 * 2
-    dh = (dim - dt) // 2 // 2 * 2
-    dw = dim - dt - dh
-    t, h, w = torch.meshgrid(torch.arange(frames), torch.arange(grid), torch.arange(grid),
-                             indexing="ij")
-    table = torch.cat([axis(t.flatten(), dt), axis(h.flatten(), dh), axis(w.flatten(), dw)], dim=1)
-    return table.float()  # (T H W, dim), time-major as the tokens (Eq. 1)
-
-
-class ConvStem(nn.Module):
-    """A convolutional stem for a video encoder trained from scratch (`stem="conv"`): three
-    stride-2 convolutions per frame down to an (S/8)-side map, an average down to the patch grid
-    (S/p), then two 3 x 3 x 3 convolutions over (t, h, w), zero-padded in time, to the token width.
-    It gives (B, d, T, H', W'): one token per frame and grid cell, as the patch embedding does.
-
-    Not the paper's model (BEiT's 16 x 16 linear patch embedding, `stem="patch"`, the default of
-    both presets), an option for a ViT that starts from random weights: with the patch embedding,
-    the clip's summary (class token or mean) learns which colours appear but not which way
-    anything moves (`benchmarks/order_probe.py`), since nothing in it compares a place in one frame
-    with a nearby place in the next until attention has learned to. The stem's space-time kernels
-    do that from the first step, a learned filter per offset, as early convolutions help a ViT see
-    (Xiao et al., 2021) and MViT's space-time patch embedding does; in the probe the summary then
-    reads order. In a 200-step 4-frame stage of VTC it learned less than the patch embedding
-    (the README's recipe table). The kernels are the same for any T, so the 4 -> 8 frame
-    expansion carries them over as they are."""
-
-    def __init__(self, image_size, patch_size, width, mid=(32, 64, 64, 128)):
-        super().__init__()
-        assert patch_size % 8 == 0 and image_size % patch_size == 0, \
-            f"the conv stem needs a patch size divisible by 8, got {patch_size}"
-        c1, c2, c3, c4 = mid
-        self.mid, self.image_size, self.patch_size = mid, image_size, patch_size
-        self.frame = nn.Sequential(nn.Conv2d(3, c1, 5, 2, 2), nn.ReLU(),
-                                   nn.Conv2d(c1, c2, 3, 2, 1), nn.ReLU(),
-                                   nn.Conv2d(c2, c3, 3, 2, 1), nn.ReLU(),
-                                   nn.AvgPool2d(patch_size // 8))
-        self.space_time = nn.Sequential(nn.Conv3d(c3, c4, 3, 1, 1), nn.ReLU(),
-                                        nn.Conv3d(c4, width, 3, 1, 1))
-        # each token normalised: out of five default-initialised convolutions the tokens would
-        # start at an RMS of about 0.02, 40 times below the sine-cosine positions added next
-        self.norm = nn.LayerNorm(width, eps=1e-6)
-
-    def forward(self, video):  # (B, T, 3, S, S) -> (B, d, T, H', W')
-        B = video.shape[0]
-        x = self.frame(rearrange(video, "b t c h w -> (b t) c h w"))  # (B T, c3, H', W')
-        x = self.space_time(rearrange(x, "(b t) c h w -> b c t h w", b=B))
-        return self.norm(x.movedim(1, -1)).movedim(-1, 1)
-
-    def flops(self, frames):
-        """Forward FLOPs of one clip (2 per multiply-add, as torch.utils.flop_counter counts)."""
-        c1, c2, c3, c4 = self.mid
-        size = self.image_size
-        s1, s2, s3, g = size // 2, size // 4, size // 8, size // self.patch_size
-        width = self.space_time[-1].out_channels
-        per_frame = (s1 ** 2 * c1 * 3 * 25 + s2 ** 2 * c2 * c1 * 9 + s3 ** 2 * c3 * c2 * 9
-                     + g ** 2 * 27 * (c4 * c3 + width * c4))
-        return 2 * frames * per_frame
-
-
-class SpaceTimeConv(nn.Module):
-    """A residual space-time convolution over the patch tokens (`space_time_conv`, its hidden
-    width): x + W2 * GELU(W1 * x), W1 and W2 convolutions over (t, h, w) with the kernels
-    `space_time_kernel` and `space_time_out_kernel` (3 x 3 x 3 both by default: a token reads two
-    frames and two patches either way), zero-padded, W2 starting at zero, so that the encoder
-    starts as the plain patch embedding.
-
-    Not in the paper, whose ViT starts from BEiT's image weights; an option for a ViT trained from
-    scratch, as depth-wise 3D convolutions give UniFormer its position encoding and ST-Adapter an
-    image ViT its time. A patch token alone sees one frame, and attention has to learn which token
-    of the next frame to compare it with before anything in the clip's summary can say which way
-    an object moved; the kernels compare each place with its neighbours in the previous and next
-    frame from the first step. In the order probe the summary then reads order
-    (`benchmarks/order_probe.py`), and unlike the convolutional stem (`stem="conv"`) it keeps the
-    patch embedding, so VTC learns as fast as without it. The kernels do not depend on T: the
-    4 -> 8 frame expansion carries them over as they are."""
-
-    def __init__(self, width, hidden, kernel=(3, 3, 3), out_kernel=(3, 3, 3)):
-        super().__init__()
-        for k in (kernel, out_kernel):
-            assert len(k) == 3 and all(n % 2 == 1 for n in k), f"kernels are 3 odd sizes, got {k}"
-        self.conv1 = nn.Conv3d(width, hidden, tuple(kernel), padding="same")
-        self.conv2 = nn.Conv3d(hidden, width, tuple(out_kernel), padding="same")
-        nn.init.zeros_(self.conv2.weight)
-        nn.init.zeros_(self.conv2.bias)
-
-    def forward(self, x):  # (B, d, T, H', W') -> the same
-        return x + self.conv2(F.gelu(self.conv1(x)))
-
-    def flops(self, frames, grid):
-        """Forward FLOPs of one clip (2 per multiply-add, as torch.utils.flop_counter counts)."""
-        width, hidden = self.conv1.in_channels, self.conv1.out_channels
-        taps = math.prod(self.conv1.kernel_size) + math.prod(self.conv2.kernel_size)
-        return 2 * frames * grid ** 2 * taps * width * hidden
-
-
 class VideoEncoder(nn.Module):
     """f_v: patch embedding, 3D positions, sparse blocks with token pruning (Eq. 1-11)."""
 
@@ -244,13 +134,9 @@ class VideoEncoder(nn.Module):
         super().__init__()
         self.config = config
         d = config.vision_width
-        if config.stem == "conv":  # an option for an encoder trained from scratch (ConvStem)
-            self.patch_embed = ConvStem(config.image_size, config.patch_size, d)
-        else:  # Eq. 1: a linear map of each frame's p x p patches (BEiT's)
-            self.patch_embed = nn.Conv2d(3, d, kernel_size=config.patch_size,
-                                         stride=config.patch_size)
-        self.space_time_conv = (SpaceTimeConv(d, config.space_time_conv, config.space_time_kernel,
-                                              config.space_time_out_kernel)
+        # Eq. 1: a linear map of each frame's p x p patches (BEiT's)
+        self.patch_embed = nn.Conv2d(3, d, kernel_size=config.patch_size, stride=config.patch_size)
+        self.space_time_conv = (SpaceTimeConv(d, config.space_time_conv)
                                 if config.space_time_conv else None)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, d))
         # Eq. 21: P' (1 + T H W, d); used only when abs_pos_embed is set
@@ -263,11 +149,9 @@ class VideoEncoder(nn.Module):
         # BEiT's pooler: a LayerNorm of the mean of the regional tokens before `norm`
         self.pool_norm = nn.LayerNorm(d, eps=1e-12) if config.video_pooling == "mean" else None
         nn.init.trunc_normal_(self.cls_token, std=0.02)
-        if self.pos_embed is not None and config.pos_embed_init == "sincos":
+        if self.pos_embed is not None:  # BEiT's weights replace it where they hold one
             with torch.no_grad():
                 self.pos_embed[0, 1:] = sincos_pos_embed(config.frames, config.grid, d)
-        elif self.pos_embed is not None:
-            nn.init.trunc_normal_(self.pos_embed, std=0.02)
 
     def forward(self, video, generator=None, record=None):
         """video (B, T, 3, S, S) -> tokens (B, 1 + N', d), their original numbers (B, 1 + N') and
@@ -275,11 +159,8 @@ class VideoEncoder(nn.Module):
         B, T = video.shape[:2]
         assert T == self.config.frames, \
             f"the model takes {self.config.frames} frames, the clip has {T}"
-        if isinstance(self.patch_embed, ConvStem):
-            x = self.patch_embed(video)  # (B, d, T, H', W')
-        else:
-            x = self.patch_embed(rearrange(video, "b t c h w -> (b t) c h w"))  # (B T, d, H', W')
-            x = rearrange(x, "(b t) d h w -> b d t h w", b=B)
+        x = self.patch_embed(rearrange(video, "b t c h w -> (b t) c h w"))  # (B T, d, H', W')
+        x = rearrange(x, "(b t) d h w -> b d t h w", b=B)
         if self.space_time_conv is not None:
             x = self.space_time_conv(x)
         x = rearrange(x, "b d t h w -> b (t h w) d")  # Eq. 1: time-major flattening
@@ -454,12 +335,9 @@ class SViTT(nn.Module):
             scale = self.logit_scale.float().clamp(max=math.log(100)).exp()
             return a.float() @ b.float().T * scale
 
-    def pool(self, x, attention_mask, pooling=None):
-        """The sequence's summary: its class token, or the mean of its tokens (`pooling`, by
-        default text_pooling, VTC's choice). VTM reads f_m's class token (vtm_pooling): the mean
-        of MiniLM's tokens is what the caption says, which cross-attention barely moves, while its
-        class token, nearly the same for every caption, is free to become the match summary."""
-        if (pooling or self.config.text_pooling) == "mean":
+    def pool(self, x, attention_mask):
+        """A caption's VTC summary: its class token, or the mean of its tokens (text_pooling)."""
+        if self.config.text_pooling == "mean":
             weights = attention_mask[:, :, None].to(x.dtype)
             return (x * weights).sum(1) / weights.sum(1)
         return x[:, 0]
@@ -487,9 +365,11 @@ class SViTT(nn.Module):
         return (x, kept) if return_kept else x
 
     def match_logits(self, text, attention_mask, video, record=None):
-        """VTM logits (B, 2) for (text, video) pairs: the head on f_m's vtm_pooling summary."""
-        return self.vtm_head(self.pool(self.fuse(text, attention_mask, video, record),
-                                       attention_mask, self.config.vtm_pooling))
+        """VTM logits (B, 2) for (text, video) pairs: the head on f_m's class token (Sec. A.3).
+        Also where VTC reads MiniLM's mean: the mean is what the caption says, which
+        cross-attention barely moves, while the class token is free to become the match summary
+        (read as the mean, the tiny preset's VTM loss stayed at ln 2)."""
+        return self.vtm_head(self.fuse(text, attention_mask, video, record)[:, 0])
 
     # ---- training forward ----------------------------------------------------------------
     def forward(self, batch, generator=None):
@@ -529,26 +409,6 @@ class SViTT(nn.Module):
                 weights_t2v = self.similarity(text_feat, video_feat).softmax(1)  # (caption, clip)
             else:  # drawn uniformly
                 weights = weights_t2v = torch.ones_like(same_video, dtype=video_feat.dtype)
-            # vtm_group_negatives: every negative from the item's own group where another of its
-            # videos is in the batch (the same scene in another order, which only the order of
-            # events tells apart); vtm_group_share: that share from the group, the rest from other
-            # groups (the easy negatives teach f_m to read the video at all, the group's to read
-            # order)
-            share = 1.0 if self.config.vtm_group_negatives else self.config.vtm_group_share
-            if share and "group_id" in batch:
-                group = batch["group_id"]
-                same_group = (group[:, None] == group[None, :]) & (group[:, None] >= 0)
-                mate, other = same_group & ~same_video, ~same_group
-                usable = mate.any(1, keepdim=True)
-                if share < 1:
-                    usable = usable & other.any(1, keepdim=True)
-                mixed = []
-                for w in (weights, weights_t2v):
-                    w_mate, w_other = w * mate, w * other
-                    p = (share * w_mate / w_mate.sum(1, keepdim=True)
-                         + (1 - share) * w_other / w_other.sum(1, keepdim=True))
-                    mixed.append(torch.where(usable, p.nan_to_num(0.0), w))
-                weights, weights_t2v = mixed
             # never the clip's own caption nor another caption of its video, unless nothing else is
             # there
             fallback = 1e-12 * ~torch.eye(B, dtype=torch.bool, device=same_video.device)
@@ -606,15 +466,3 @@ def gather_all(x):
 
 def parameter_count(model):
     return sum(p.numel() for p in model.parameters())
-
-
-if __name__ == "__main__":
-    from curriculum import count_config_edges
-    for name in ("tiny", "base"):
-        config = preset(name)
-        with torch.device("meta"):
-            model = SViTT(config, pretrained=False)
-        e = count_config_edges(config)
-        print(f"{name}: {parameter_count(model) / 1e6:.1f}M parameters "
-              f"(video {parameter_count(model.video_encoder) / 1e6:.1f}M), T={config.frames}: "
-              f"{e.total / 1e6:.3f}M edges, sparsity {e.sparsity:.2f}")

@@ -11,9 +11,13 @@ duplication along time (Eq. 22, 26-27, with `curriculum.py`'s resizing functions
 
 `model.SViTT` calls these when it is built; nothing here imports `model.py`.
 """
+import logging
+
 import torch
 
 from curriculum import resize_pos_embed, resize_relative_bias
+
+log = logging.getLogger("train")  # run lines, as train.py writes them
 
 
 def text_model_path(name):
@@ -27,15 +31,50 @@ def text_model_path(name):
 
 def load_bert(config, pretrained):
     """The transformers BertForMaskedLM of `config.text_model`: with its pretrained weights, or
-    (pretrained=False) built from `config.text_config` alone, as when resuming a checkpoint."""
+    (pretrained=False) built from `config.text_config` alone, as when resuming a checkpoint.
+
+    A sentence-embedding checkpoint such as all-MiniLM-L6-v2 holds BERT's layers and pooler but
+    no MLM head, so transformers would print a warning and a table of missing keys, alarming and
+    about nothing the user did: it loads quietly instead, and one line says what started fresh
+    (the MLM head, which Eq. 31 trains) and what was left out (the pooler, which SViTT does not
+    use). Missing weights of any other part are a warning."""
     from transformers import BertConfig, BertForMaskedLM
     if pretrained:
-        return BertForMaskedLM.from_pretrained(text_model_path(config.text_model))
+        from transformers.utils import logging as transformers_logging
+        verbosity = transformers_logging.get_verbosity()
+        bars = transformers_logging.is_progress_bar_enabled()
+        transformers_logging.set_verbosity_error()
+        transformers_logging.disable_progress_bar()
+        try:
+            bert, info = BertForMaskedLM.from_pretrained(text_model_path(config.text_model),
+                                                         output_loading_info=True)
+        finally:
+            transformers_logging.set_verbosity(verbosity)
+            if bars:
+                transformers_logging.enable_progress_bar()
+        report_loading(config.text_model, info)
+        return bert
     if config.text_config:
         return BertForMaskedLM(BertConfig(**config.text_config))
     if config.text_model == "bert-base-uncased":  # BertConfig's defaults are bert-base-uncased
         return BertForMaskedLM(BertConfig())
     return BertForMaskedLM(BertConfig.from_pretrained(text_model_path(config.text_model)))
+
+
+def report_loading(name, info):
+    """One line on what a text encoder's checkpoint did not hold (`output_loading_info`)."""
+    missing = sorted(info.get("missing_keys", []))
+    fresh = [k for k in missing if k.startswith("cls.predictions.")]
+    others = [k for k in missing if not k.startswith("cls.predictions.")]
+    unused = sorted(k for k in info.get("unexpected_keys", []) if k.startswith("bert.pooler.")
+                    or k.startswith("pooler."))
+    if fresh:
+        log.info(f"text encoder {name}: its checkpoint has no MLM head, which starts fresh "
+                 f"({len(fresh)} tensors; MLM, Eq. 31, trains it)"
+                 + ("; its pooler is not used" if unused else ""))
+    if others:
+        log.warning(f"text encoder {name}: {len(others)} weights missing from the checkpoint "
+                    f"start fresh: {', '.join(others[:8])}")
 
 
 # our name in model.BertBlock -> transformers' BertLayer name
@@ -87,9 +126,6 @@ def load_beit(video_encoder, path):
     from transformers import BeitModel
 
     config, ours = video_encoder.config, video_encoder
-    if config.stem != "patch":
-        raise ValueError(f"BEiT weights ({path}) start a patch-embedding encoder; this config's "
-                         f"stem is {config.stem!r}: set stem='patch'")
     beit = BeitModel.from_pretrained(path)
     bc = beit.config
     if (bc.hidden_size, bc.patch_size, bc.num_hidden_layers, bc.num_attention_heads) != (

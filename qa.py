@@ -31,12 +31,11 @@ import collate
 import data
 import downstream_data
 from cpu_speedups import Dropout
+from downstream_data import ANSWER_LEN, QUESTION_LEN
 from model import BertAttention, SViTT, extended_mask
 from pretrained import text_model_path
 
 DECODER_LAYERS = 3  # the answer decoder's depth (Singularity, the authors' code)
-QUESTION_LEN = 25      # question tokens (Table 9, QA)
-ANSWER_LEN = 5         # answer tokens, [CLS] and [SEP] included (Table 9, QA)
 
 
 class DecoderBlock(nn.Module):

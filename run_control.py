@@ -34,7 +34,8 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DistributedSampler
 
-from finetune import stage_of
+import curriculum
+from checkpoint import save_checkpoint
 
 log = logging.getLogger("train")  # the training run's log lines, as train.py writes them
 
@@ -62,7 +63,10 @@ def check_args(args):
                          "microsoft/beit-base-patch16-224-pt22k-ft22k, or --beit none to train it "
                          "from random weights")
     if args.frames is not None and args.resume is None and args.task == "pretrain":
-        stage_of(args.frames, args.preset or "tiny")  # resumed and fine-tuning runs: in build()
+        try:  # resumed and fine-tuning runs: in build()
+            curriculum.stage(args.frames, args.preset or "tiny")
+        except curriculum.NoStage as error:
+            raise SystemExit(str(error)) from None
     if args.video_root is not None and not Path(args.video_root).is_dir():
         raise SystemExit(f"--video-root {args.video_root}: no such folder")
     for flag, path in (("--data", args.data), ("--test-data", args.test_data),
@@ -237,6 +241,33 @@ def training_state(model, optimizer, scheduler, *, step, epoch, config, run, wor
             "rng": all_rng_states(world), "config": config.to_dict(), "run": run}
 
 
+class StageCheckpoint:
+    """A stage's `last.pt`: `save(step, epoch, reason)` is called by every process at the same
+    steps (the random states of all are gathered) and written by the main process, atomically
+    (checkpoint.save_checkpoint); a failed write stops the run with one line that says which
+    checkpoint is left."""
+
+    def __init__(self, path, *, model, optimizer, scheduler, config, run, rank, world):
+        self.path, self.rank, self.world = path, rank, world
+        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        self.config, self.run = config, run
+        self.saved_step = None
+
+    def save(self, step, epoch, reason):
+        state = training_state(self.model, self.optimizer, self.scheduler, step=step, epoch=epoch,
+                               config=self.config, run=self.run, world=self.world)
+        if self.rank != 0:
+            return
+        try:
+            save_checkpoint(self.path, state)
+        except OSError as error:
+            kept = (f"{self.path} (step {self.saved_step}) is unchanged" if self.saved_step
+                    else "no checkpoint of this run was written")
+            raise SystemExit(f"step {step}: cannot write the {reason} checkpoint {self.path} "
+                             f"({error.strerror or error}); {kept}") from None
+        self.saved_step = step
+
+
 def restore_training_state(ckpt, optimizer, scheduler, *, rank=0, world=1, seed=0,
                            log_line=log.info):
     """Optimizer, schedule and this process's random states of a true resume; -> (step, epoch).
@@ -264,12 +295,12 @@ def restore_training_state(ckpt, optimizer, scheduler, *, rank=0, world=1, seed=
 # --------------------------------------------------------------------------------------------
 
 class RunLog:
-    """Log lines, a progress bar, TensorBoard scalars and the count of skipped clips, written by
-    the main process only."""
+    """Log lines, a progress bar, TensorBoard scalars, the count of skipped clips and the
+    profiler's steps, written by the main process only."""
 
     def __init__(self, main_process):
         self.main = main_process
-        self.writer = None
+        self.writer = self.profiler = None
         self.losses, self.step_times, self.skipped, self.skipped_files = [], [], 0, set()
         logging.basicConfig(level=logging.INFO if main_process else logging.WARNING,
                             format="%(message)s")
@@ -278,10 +309,15 @@ class RunLog:
         if self.main:
             log.info(text)
 
-    def open(self, folder):
+    def open(self, folder, profile=False):
+        """TensorBoard logs in folder/tb; with `profile`, a torch.profiler trace of a few steps
+        in folder/profile for TensorBoard's profiler plugin."""
         if self.main:
             from torch.utils.tensorboard import SummaryWriter
-            self.writer = SummaryWriter(folder)
+            self.writer = SummaryWriter(Path(folder) / "tb")
+            if profile:
+                self.profile_dir = Path(folder) / "profile"
+                self.profiler = start_profiler(self.profile_dir)
 
     def progress(self, loader, total, desc):
         from tqdm import tqdm
@@ -289,12 +325,13 @@ class RunLog:
         self.bar = tqdm(loader, total=total, disable=not self.main, desc=desc, dynamic_ncols=True)
         return self.bar
 
-    def batch(self, batch):
-        """Clips the loader could not read and replaced (data.py)."""
+    def step(self, step, values, *, batch, clips, lr, edges, record):
+        """After a step: its losses (`values`), the clips of `batch` the loader could not read
+        and replaced (data.py), time, TensorBoard scalars."""
         self.skipped += len(batch["skipped"])
         self.skipped_files.update(batch["skipped"])
-
-    def step(self, step, values, *, clips, lr, edges, record):
+        if self.profiler is not None:
+            self.profiler.step()
         now = time.perf_counter()
         self.step_times.append(now - self.tick)
         clips_per_s = clips / (now - self.tick)
@@ -315,6 +352,10 @@ class RunLog:
             self.writer.add_scalar(name, value, step)
 
     def close(self, *, frames, step, epoch, epochs, steps_per_epoch, device=None):
+        if self.profiler is not None:
+            self.profiler.stop()
+            self.line(f"profiler trace in {self.profile_dir} "
+                      f"(tensorboard --logdir {self.profile_dir})")
         if self.step_times:
             first, *rest = self.step_times  # the first step also warms up: apart
             times = f"median of the {len(rest)} after it {statistics.median(rest):.3f} s, " \

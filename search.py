@@ -1,10 +1,10 @@
 """Index one's own videos by their VTC features, search them with a sentence, look at the answers.
 
-From the command line, eval.py loads the model and calls the functions of this module:
+From the command line:
 
-    python eval.py --index VIDEO_DIR_OR_ANNOTATION --checkpoint CK --output index.pt
-    python eval.py --search "a red square moves up, then a blue circle moves left" --index index.pt
-    python eval.py --embed-text captions.txt --checkpoint CK --output captions.pt
+    python search.py --index VIDEO_DIR_OR_ANNOTATION --checkpoint CK --output index.pt
+    python search.py --index index.pt --search "a red square moves up, then a blue circle falls"
+    python search.py --embed-text captions.txt --checkpoint CK --output captions.pt
 
 In Python, with a model already built (`model.eval()`) and its tokenizer:
 
@@ -12,7 +12,7 @@ In Python, with a model already built (`model.eval()`) and its tokenizer:
     save_features(index, "index.pt")
     results = search(model, load_features("index.pt", "video_index"), "a dog catches a ball",
                      k=16, tokenizer=tokenizer)
-    contact_sheet(results, "answers.png")
+    contact_sheet(results, "answers.png")       # pictures.py
 
 Ranking is that of retrieval in eval.py (Singularity): the VTC similarity of the query's feature
 with every video's (Eq. 29) ranks the whole index, then the top k are re-scored by the VTM head,
@@ -42,10 +42,10 @@ Feature files are dicts of tensors, lists, strings and numbers, so that
 Both hold unit-length features in the joint space of VTC: `text_feat @ video_feat.T` is the
 similarity that ranks.
 """
+import argparse
 import json
 import os
 import pickle
-import re
 import time
 from pathlib import Path
 
@@ -54,13 +54,11 @@ from tqdm import tqdm
 
 import collate
 import data
-from checkpoint import latest_checkpoint
+from checkpoint import latest_checkpoint, load_model
+from pictures import contact_sheet, sheet_name
 from pretrained import text_model_path
 
 VIDEO_EXTENSIONS = (".mp4", ".webm", ".avi", ".mkv", ".mov")
-SHEET_DPI = 100
-SHEET_WIDTH = 10.0      # inches: the frame strip and the score beside it
-SHEET_ROW_HEIGHT = 1.2  # inches a result
 
 
 # --------------------------------------------------------------------------------------------
@@ -132,7 +130,8 @@ def sparsity_of(config) -> dict:
 
 
 def model_overrides(index) -> dict:
-    """The test-time sparsity an index was made with, as keyword arguments of eval.load_model."""
+    """The test-time sparsity an index was made with, as keyword arguments of
+    checkpoint.load_model."""
     s = index["sparsity"]
     if s["block_size"] is None and s["keep_rate_v"] == 1 and s["keep_rate_m"] == 1:
         return {"dense": True}
@@ -283,7 +282,7 @@ def load_features(path, kind: str) -> dict:
     if not isinstance(features, dict) or features.get("kind") != kind:
         found = features.get("kind") if isinstance(features, dict) else type(features).__name__
         raise ValueError(f"{path} holds {found!r}, not a {kind} "
-                         f"(made by eval.py --index or --embed-text)")
+                         f"(made by search.py --index or --embed-text)")
     return features
 
 
@@ -374,109 +373,54 @@ def format_results(results) -> str:
 
 
 # --------------------------------------------------------------------------------------------
-# Contact sheet
+# The command line
 # --------------------------------------------------------------------------------------------
 
-def frame_strip(path, frames=8, height=96):
-    """uint8 (height, W, 3): `frames` frames of the video side by side (the middle frames of equal
-    segments), 2 px apart; VideoReadError if the file cannot be read."""
-    reader = data.open_video(path)
-    indices = data.sample_frame_indices(len(reader), frames, train=False)
-    clip = data.read_frames(reader, indices, path)  # (T, H, W, 3)
-    video = torch.from_numpy(clip).permute(0, 3, 1, 2).float()  # (T, 3, H, W)
-    width = max(1, round(video.shape[3] * height / video.shape[2]))
-    video = torch.nn.functional.interpolate(video, size=(height, width), mode="bilinear",
-                                            antialias=True)
-    video = torch.nn.functional.pad(video, (0, 2), value=255.0)  # a white gap after each frame
-    strip = video.permute(2, 0, 3, 1).reshape(height, -1, 3)  # (h, T (w + 2), 3)
-    return strip.clamp(0, 255).byte().numpy()
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--index", default=None, metavar="PATH",
+                   help="with --search: the index to search; otherwise index the videos of a "
+                        "folder (recursively), an annotation JSON or one video into --output "
+                        "(default index.pt), keeping what it already holds")
+    p.add_argument("--search", default=None, metavar="QUERY", help="search --index for this text")
+    p.add_argument("--embed-text", default=None, metavar="FILE",
+                   help="VTC features of the captions of FILE (one a line) into --output")
+    p.add_argument("--checkpoint", default=None,
+                   help="the model (default: the index's, or the newest */last.pt under "
+                        "--checkpoints-dir)")
+    p.add_argument("--checkpoints-dir", default="checkpoints")
+    p.add_argument("--output", default=None, help="the index or features file; with --search, "
+                                                  "the results as JSON")
+    p.add_argument("--video-root", default=None,
+                   help="folder an annotation's video paths are relative to")
+    p.add_argument("--k", type=int, default=16,
+                   help="results re-scored by VTM (0: rank by VTC alone)")
+    p.add_argument("--top", type=int, default=10, help="results printed")
+    p.add_argument("--visualize", default=None, metavar="DIR",
+                   help="with --search: a contact sheet of the results in DIR")
+    p.add_argument("--keep-rate-v", type=float, default=None, help="test-time q_v of an index")
+    p.add_argument("--keep-rate-m", type=float, default=None, help="test-time q_m of an index")
+    p.add_argument("--blocks", type=int, nargs=3, default=None, metavar=("K_l", "K_r", "G"))
+    p.add_argument("--dense", action="store_true", help="dense attention, every token kept")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0, help="seed of the random attention blocks")
+    p.add_argument("--device", default=None)
+    args = p.parse_args(argv)
+    if not (args.index or args.embed_text):
+        p.error("give --index VIDEOS (to index), --index INDEX.pt --search QUERY, or "
+                "--embed-text FILE")
+    return args
 
 
-def contact_sheet(results, path, *, frames=8) -> str:
-    """A PNG with one row per result: a strip of its frames, its rank and scores beside it.
-    The picture is SHEET_WIDTH x (SHEET_ROW_HEIGHT per row) inches at SHEET_DPI."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    rows = max(1, len(results))
-    fig = plt.figure(figsize=(SHEET_WIDTH, SHEET_ROW_HEIGHT * rows), dpi=SHEET_DPI)
-    grid = fig.add_gridspec(rows, 2, width_ratios=[3, 1], left=0.01, right=0.99, top=0.99,
-                            bottom=0.01, wspace=0.02, hspace=0.08)
-    for row, result in enumerate(results):
-        ax = fig.add_subplot(grid[row, 0])
-        ax.set_axis_off()
-        ax.set_anchor("W")
-        try:
-            ax.imshow(frame_strip(result["path"], frames), aspect="equal")
-        except data.VideoReadError as error:
-            ax.text(0.5, 0.5, f"cannot be read: {error.reason}"[:80], ha="center", va="center",
-                    transform=ax.transAxes)
-        ax = fig.add_subplot(grid[row, 1])
-        ax.set_axis_off()
-        vtm = "-" if result["vtm"] is None else f"{result['vtm']:.3f}"
-        name = Path(result["path"]).name
-        label = f"#{result['rank']}  VTM {vtm}\nVTC {result['vtc']:.3f}\n{name}"
-        ax.text(0.0, 0.5, label, va="center", fontsize=9, family="monospace",
-                transform=ax.transAxes)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=SHEET_DPI)
-    plt.close(fig)
-    return str(path)
-
-
-def sheet_name(query: str) -> str:
-    """A file name for the contact sheet of a query: search_<its words>.png."""
-    words = re.sub(r"[^a-z0-9]+", "_", query.lower()).strip("_")[:60].rstrip("_")
-    return f"search_{words or 'query'}.png"
-
-
-# --------------------------------------------------------------------------------------------
-# The command line (eval.py)
-# --------------------------------------------------------------------------------------------
-
-def search_command(args, device, load_model):
-    """`python eval.py --index/--search/--embed-text`, eval.py's flags in `args`: index videos,
-    search an index or embed captions. `load_model(checkpoint, device, **overrides)` is
-    eval.py's: -> (model in eval mode, its config, the checkpoint's run info)."""
-    tokenizer = None
+def main(argv=None):
+    """`python search.py`: index videos, search an index or embed captions."""
+    args = parse_args(argv)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     try:
         if args.search is not None:
-            if not args.index:
-                raise SystemExit("--search needs --index INDEX.pt, made by "
-                                 "`python eval.py --index VIDEO_DIR`")
-            index = load_features(args.index, "video_index")
-            recorded = index["checkpoint"]
-            if not (args.checkpoint or recorded):
-                raise SystemExit(f"{args.index} names no checkpoint: pass --checkpoint")
-            checkpoint = Path(args.checkpoint or recorded)
-            if recorded and checkpoint.resolve() != Path(recorded).resolve():
-                raise SystemExit(f"{args.index} holds features of {recorded}, not of {checkpoint}")
-            if (recorded and checkpoint.exists()
-                    and checkpoint.stat().st_mtime_ns != index["checkpoint_mtime"]):
-                print(f"warning: {checkpoint} changed after {args.index} was made; "
-                      "run --index again")
-            model, config, _ = load_model(checkpoint, device, **model_overrides(index))
-            tokenizer = data.default_tokenizer(text_model_path(config.text_model))
-            start = time.perf_counter()
-            results = search(model, index, args.search, args.k, tokenizer=tokenizer,
-                                    top=args.top, batch_size=args.batch_size)
-            seconds = time.perf_counter() - start
-            print(format_results(results))
-            print(f"searched {len(index['paths'])} videos in {seconds:.3f} s "
-                  f"(VTC, then VTM on the top {args.k})")
-            result = {"query": args.search, "index": str(args.index),
-                      "checkpoint": str(checkpoint), "k": args.k, "seconds": seconds,
-                      "results": results}
-            if args.visualize:
-                sheet = Path(args.visualize) / sheet_name(args.search)
-                result["picture"] = contact_sheet(results, sheet, frames=config.frames)
-                print(f"wrote {result['picture']}")
-            if args.output:
-                Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-                Path(args.output).write_text(json.dumps(result, indent=2))
-                print(f"wrote {args.output}")
-            return result
+            return search_command(args, device)
         checkpoint = (Path(args.checkpoint) if args.checkpoint
                       else latest_checkpoint(args.checkpoints_dir))
         model, config, _ = load_model(checkpoint, device, keep_rate_v=args.keep_rate_v,
@@ -485,16 +429,54 @@ def search_command(args, device, load_model):
         if args.embed_text:
             tokenizer = data.default_tokenizer(text_model_path(config.text_model))
             features = embed_texts(model, tokenizer, read_captions(args.embed_text),
-                                          checkpoint=checkpoint)
+                                   checkpoint=checkpoint)
             output = Path(args.output or Path(args.embed_text).with_suffix(".pt"))
         else:
             output = Path(args.output or "index.pt")
             existing = load_features(output, "video_index") if output.exists() else None
             features = index_videos(model, video_paths(args.index, args.video_root),
-                                           checkpoint=checkpoint, batch_size=args.batch_size,
-                                           workers=args.workers, seed=args.seed, existing=existing)
+                                    checkpoint=checkpoint, batch_size=args.batch_size,
+                                    workers=args.workers, seed=args.seed, existing=existing)
         save_features(features, output)
         print(f"wrote {output}")
         return features
     except (FileNotFoundError, ValueError) as error:  # a missing or malformed input file, named
         raise SystemExit(str(error)) from None
+
+
+def search_command(args, device):
+    """--search: the query against --index with the model the index was made with."""
+    index = load_features(args.index, "video_index")
+    recorded = index["checkpoint"]
+    if not (args.checkpoint or recorded):
+        raise SystemExit(f"{args.index} names no checkpoint: pass --checkpoint")
+    checkpoint = Path(args.checkpoint or recorded)
+    if recorded and checkpoint.resolve() != Path(recorded).resolve():
+        raise SystemExit(f"{args.index} holds features of {recorded}, not of {checkpoint}")
+    if (recorded and checkpoint.exists()
+            and checkpoint.stat().st_mtime_ns != index["checkpoint_mtime"]):
+        print(f"warning: {checkpoint} changed after {args.index} was made; run --index again")
+    model, config, _ = load_model(checkpoint, device, **model_overrides(index))
+    tokenizer = data.default_tokenizer(text_model_path(config.text_model))
+    start = time.perf_counter()
+    results = search(model, index, args.search, args.k, tokenizer=tokenizer, top=args.top,
+                     batch_size=args.batch_size)
+    seconds = time.perf_counter() - start
+    print(format_results(results))
+    print(f"searched {len(index['paths'])} videos in {seconds:.3f} s "
+          f"(VTC, then VTM on the top {args.k})")
+    result = {"query": args.search, "index": str(args.index), "checkpoint": str(checkpoint),
+              "k": args.k, "seconds": seconds, "results": results}
+    if args.visualize:
+        sheet = Path(args.visualize) / sheet_name(args.search)
+        result["picture"] = contact_sheet(results, sheet, frames=config.frames)
+        print(f"wrote {result['picture']}")
+    if args.output:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output).write_text(json.dumps(result, indent=2))
+        print(f"wrote {args.output}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -22,8 +22,10 @@ Usage::
     out, cls_attn = attn(x)                                                   # x: (B, 1 + N, 768)
 
 `plain_sparse_attention` is the whole computation in einsum and softmax; the rest of the file
-computes the same faster (tested equal). Imports: torch and einops only, so the file can be copied
-alone; it needs no process-wide setting. ``python sparse_attention.py`` prints a small edge set.
+computes the same faster (tested equal), and `sparse_attention_cpu.py` faster still for training on
+a CPU. Imports: torch and einops only, so the file can be copied alone (with the CPU file beside
+it where CPUs train); it needs no process-wide setting. ``python sparse_attention.py`` prints a
+small edge set.
 """
 import math
 
@@ -31,7 +33,6 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
-from torch.autograd.function import once_differentiable
 
 
 def block_layout(num_blocks, local_blocks, random_blocks, generator=None, *, device=None):
@@ -112,50 +113,38 @@ def plain_sparse_attention(q, k, v, block_size, layout, bias=None, *, check_layo
 
 
 def check_inputs(q, k, v, block_size, layout, *, check_layout=True):
-    """Raise ValueError, naming the argument, for inputs the computation would get silently wrong:
-    q, k, v not all (B, H, 1 + N, D) with N >= 1, a block size below 1, a layout that is not one
-    row of distinct block numbers in [0, N_b) per query block (an entry past the last block would
-    re-read the last token; a repeated block would count its keys twice in the softmax).
-
-    `check_layout=False` skips the look at the layout's values (its shape is always checked): it
-    costs a few microseconds on the CPU, but on a GPU reading them waits for the device, so
-    `SparseSelfAttention`, whose layouts come from `block_layout`, skips it."""
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if t.ndim != 4:
-            raise ValueError(f"{name} has shape {tuple(t.shape)}: sparse attention takes "
-                             f"(B, H, 1 + N, D) tensors")
-    if k.shape != q.shape or v.shape != q.shape:
-        raise ValueError(f"q, k and v have shapes {tuple(q.shape)}, {tuple(k.shape)}, "
-                         f"{tuple(v.shape)}: they must be the same (B, H, 1 + N, D)")
+    """ValueError, naming the argument, for inputs that would be computed silently wrong: q, k, v
+    not all (B, H, 1 + N, D) with N >= 1, G < 1, or a layout that is not one row of distinct block
+    numbers in [0, N_b) per query block (a block past the last re-reads the last token; a repeated
+    one counts its keys twice). `check_layout=False` skips reading the layout's values (a few
+    microseconds on the CPU, a wait for the device on a GPU) for layouts from `block_layout`."""
+    shapes = [tuple(t.shape) for t in (q, k, v)]
+    if q.ndim != 4 or len(set(shapes)) > 1:
+        raise ValueError(f"q, k and v have shapes {', '.join(map(str, shapes))}: they must be the "
+                         f"same (B, H, 1 + N, D)")
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
         raise ValueError(f"block_size {block_size!r}: must be a whole number of tokens, 1 or more")
-    N = q.shape[2] - 1
+    N, G = q.shape[2] - 1, block_size
     if N < 1:
-        raise ValueError(f"q has shape {tuple(q.shape)}: its axis 2, 1 + N tokens, holds "
-                         f"{q.shape[2]}; sparse attention needs the class token and at least one "
-                         f"regional token")
-    num_blocks = math.ceil(N / block_size)
-    if layout.ndim != 2 or layout.shape[0] != num_blocks:
-        hint = ""
-        if layout.ndim == 2 and layout.shape[0] == math.ceil((q.shape[1] - 1) / block_size):
-            hint = ("; q looks like (B, 1 + N, H, D): put the heads before the tokens "
-                    "(q.transpose(1, 2))")
-        raise ValueError(f"layout has shape {tuple(layout.shape)}, q {tuple(q.shape)}: a layout "
-                         f"has one row per query block, ceil(N / G) = ceil({N} / {block_size}) = "
-                         f"{num_blocks}, for q, k, v of shape (B, H, 1 + N, D){hint}")
-    if layout.dtype not in (torch.int64, torch.int32) or not 1 <= layout.shape[1] <= num_blocks:
-        raise ValueError(f"layout ({tuple(layout.shape)}, {layout.dtype}): each row lists 1 to "
-                         f"N_b = {num_blocks} key blocks as whole numbers")
+        raise ValueError(f"q has shape {shapes[0]}: sparse attention needs the class token and at "
+                         f"least one regional token on axis 2")
+    num_blocks = math.ceil(N / G)
+    if layout.ndim != 2 or layout.shape[0] != num_blocks or not 1 <= layout.shape[1] <= num_blocks:
+        hint = ("; q looks like (B, 1 + N, H, D): put the heads before the tokens (q.transpose(1, "
+                "2))" if layout.ndim == 2 and layout.shape[0] == math.ceil((q.shape[1] - 1) / G)
+                else "")
+        raise ValueError(f"layout has shape {tuple(layout.shape)}, q {shapes[0]}: a layout has one "
+                         f"row per query block, ceil(N / G) = ceil({N} / {G}) = {num_blocks}, of "
+                         f"1 to {num_blocks} key blocks{hint}")
     if not check_layout:
         return
     low, high = layout.aminmax()
     if low < 0 or high >= num_blocks:
-        bad = int(low) if low < 0 else int(high)
-        raise ValueError(f"layout holds block {bad}: key blocks are numbered 0 to {num_blocks - 1} "
-                         f"(N = {N} tokens in blocks of G = {block_size})")
-    repeats = layout.sort(dim=1).values.diff(dim=1) == 0
+        raise ValueError(f"layout holds block {int(low if low < 0 else high)}: key blocks are "
+                         f"numbered 0 to {num_blocks - 1} (N = {N} tokens in blocks of G = {G})")
+    repeats = (layout.sort(dim=1).values.diff(dim=1) == 0).any(dim=1)
     if repeats.any():
-        row = int(repeats.any(dim=1).nonzero()[0, 0])
+        row = int(repeats.nonzero()[0, 0])
         raise ValueError(f"layout row {row} {layout[row].tolist()} lists a block twice: each key "
                          f"block appears once a row")
 
@@ -174,13 +163,14 @@ def sparse_attention(q, k, v, block_size, layout, bias=None, *, impl="auto", che
     `impl` spells one computation three ways, each tested equal to dense attention under
     `attention_mask`: "einsum" (`plain_sparse_attention`), "sdpa" (the blocks folded into the batch
     of one 4-D `scaled_dot_product_attention` call, the shape fused CUDA kernels take) and "bmm"
-    (`_BlockSparseAttention`, a hand-written backward); "auto": "bmm" to train on CPU, else "sdpa".
+    (`sparse_attention_cpu.py`, a hand-written backward); "auto": "bmm" to train on CPU, else
+    "sdpa".
     Inputs it would get wrong are refused, the same way by every implementation (`check_inputs`;
     `check_layout=False` trusts the layout's values, as for one drawn by `block_layout`).
     """
     if impl == "auto":
         training = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-        impl = "bmm" if training and q.device.type != "cuda" else "sdpa"
+        impl = "bmm" if training and q.device.type != "cuda" and _cpu_path() else "sdpa"
     assert impl in ("einsum", "sdpa", "bmm"), f"unknown impl {impl!r}"
     check_inputs(q, k, v, block_size, layout, check_layout=check_layout)
     layout = layout.to(q.device)
@@ -189,8 +179,19 @@ def sparse_attention(q, k, v, block_size, layout, bias=None, *, impl="auto", che
     biases = _edge_biases(q, block_size, layout, bias)
     if impl == "sdpa":
         return _sdpa_sparse_attention(q, k, v, block_size, layout, *biases)
-    chunk = _heads_per_chunk(*layout.shape, block_size, q.shape[-1], q.element_size())
-    return _BlockSparseAttention.apply(q, k, v, layout, block_size, chunk, *biases)
+    cpu = _cpu_path()
+    assert cpu is not None, "impl='bmm' needs sparse_attention_cpu.py beside this file"
+    return cpu.block_sparse_attention(q, k, v, block_size, layout, *biases)
+
+
+def _cpu_path():
+    """sparse_attention_cpu, the CPU training path ("bmm"), where it was copied along; None
+    where this file was copied alone ("auto" then takes "sdpa")."""
+    try:
+        import sparse_attention_cpu
+    except ImportError:
+        return None
+    return sparse_attention_cpu
 
 
 def dense_attention(q, k, v, bias=None):
@@ -323,213 +324,6 @@ def _blocks(x, block_size):
     if pad:
         x = F.pad(x, (0, 0, 0, pad))
     return rearrange(x, "b h (n g) d -> b h n g d", g=block_size)
-
-
-# --------------------------------------------------------------------------------------------
-# The same equations, fast on the CPU: a few heads at a time, a hand-written backward (bmm)
-# --------------------------------------------------------------------------------------------
-
-CHUNK_BYTES = 8 * 2**20
-"""Largest temporary the CPU path allocates for a group of heads. glibc's malloc hands freed blocks
-over 32 MB (its largest mmap threshold) back to the OS, so a temporary that size is page-faulted in
-anew at every call; smaller freed blocks are mostly reused. Measured at T = 16 (12 heads of 64,
-G = 56, K = 4) in a plain process, one forward+backward page-faulted ~285 MB with all heads at once
-(34-38 MB temporaries), ~30 MB with 8 MB chunks (2 heads), 45-90 MB with 16 MB chunks; 4 MB chunks
-faulted no less and cost more CPU time."""
-
-
-def _heads_per_chunk(num_blocks, layout_width, block_size, head_dim, element_size):
-    """Heads whose (N_b, G, K G) probabilities and (N_b, K G, D) gathered keys fit CHUNK_BYTES."""
-    per_head = num_blocks * layout_width * block_size * max(block_size, head_dim) * element_size
-    return max(1, CHUNK_BYTES // per_head)
-
-
-def _chunks(batch, heads, heads_per_chunk):
-    """(b0, b1, h0, h1): items b0..b1-1 and their heads h0..h1-1, consecutive in (B H) order; whole
-    items when `heads_per_chunk` >= heads, otherwise up to `heads_per_chunk` heads of one item."""
-    if heads_per_chunk >= heads:
-        items = heads_per_chunk // heads
-        for b0 in range(0, batch, items):
-            yield b0, min(b0 + items, batch), 0, heads
-    else:
-        for b in range(batch):
-            for h0 in range(0, heads, heads_per_chunk):
-                yield b, b + 1, h0, min(h0 + heads_per_chunk, heads)
-
-
-def _padded(x, length):
-    """(M, L, D) -> (M, length, D), zero rows appended (x itself when L == length)."""
-    return x if x.shape[1] == length else F.pad(x, (0, 0, 0, length - x.shape[1]))
-
-
-def _whole_blocks(x, block_size):
-    """x (B, H, 1 + N, D), contiguous -> (B H, N_b, G D): regional tokens as rows of G D numbers,
-    which index_select picks fastest on the CPU; a view of x if G divides N, else a padded copy."""
-    B, H, L, D = x.shape
-    if (L - 1) % block_size:
-        return _blocks(x[:, :, 1:], block_size).reshape(B * H, -1, block_size * D)
-    return x.view(B * H, L, D)[:, 1:].view(B * H, -1, block_size * D)
-
-
-class _BlockSparseAttention(torch.autograd.Function):
-    """`plain_sparse_attention` as batched matrix products with a hand-written backward
-    (impl="bmm"), arranged for speed on the CPU:
-
-    * heads and query blocks share one batch axis: each product is one ``bmm`` of G x D queries
-      against the K G keys of their K blocks;
-    * a few heads at a time (`_chunks`): no temporary passes CHUNK_BYTES, so the allocator reuses
-      freed blocks with no process-wide setting (~30 MB page-faulted a call at T = 16, not ~285 MB);
-    * the global edges (Eq. 9) apart, for all heads at once: the class column joins the blocks'
-      softmax as one more logit, so with the paper's (K, G) = (4, 56) the products run on 224
-      keys rather than 225, which the CPU's matrix kernels take ~25% faster;
-    * the softmax backward from delta = rowsum(dO * O), as FlashAttention, not a pass over P; the
-      gathered keys' and values' gradients added back by index_add over whole G x D blocks.
-
-    Saved for backward, O(N (K G + D)) a head: the scaled query blocks, k, v, the block edges'
-    probabilities (one (heads N_b, G, K G) tensor per chunk), the class column's and row's, and the
-    output; the gathered keys and values, K times the size of k, are gathered again, not kept.
-    """
-
-    @staticmethod
-    def forward(ctx, q, k, v, layout, block_size, heads_per_chunk, row_bias, column_bias,
-                block_bias):
-        B, H, L, D = q.shape
-        N, G = L - 1, block_size
-        BH, (num_blocks, K) = B * H, layout.shape
-        scale = D ** -0.5
-        k, v = k.contiguous(), v.contiguous()
-        k_cls, v_cls = k[:, :, :1].reshape(BH, 1, D), v[:, :, :1].reshape(BH, 1, D)
-
-        # Eq. 9, the class row: (B H, 1, D) x (B H, D, 1 + N)
-        q_cls = (q[:, :, :1] * scale).reshape(BH, 1, D)
-        row_logits = torch.bmm(q_cls, k.view(BH, L, D).transpose(1, 2))  # (B H, 1, 1 + N)
-        if row_bias is not None:
-            row_logits = row_logits + row_bias.expand(B, H, L).reshape(BH, 1, L)
-        row_probs = row_logits.softmax(dim=-1).to(q.dtype)  # autocast may return float32
-        cls_out = torch.bmm(row_probs, v.view(BH, L, D))  # (B H, 1, D)
-
-        # Eq. 9, the class token as a key of every regional query: one more logit per query
-        # contiguous: the product keeps q's strides, which the views below cannot always take
-        # (a batch of one clip whose N is a multiple of G)
-        q_blocks = (_blocks(q[:, :, 1:], G) * scale).reshape(BH, num_blocks, G, D).contiguous()
-        col_logits = torch.bmm(q_blocks.view(BH, -1, D), k_cls.transpose(1, 2))  # (B H, N_b G, 1)
-        col_logits = col_logits.view(BH, num_blocks, G, 1)
-        if column_bias is not None:
-            col_bias = column_bias.expand(B, H, num_blocks, G, 1).reshape(col_logits.shape)
-            col_logits = col_logits + col_bias
-        if block_bias is not None:
-            block_bias = block_bias.expand(B, H, num_blocks, G, K * G)
-
-        # Eq. 5-8, the regional rows, a chunk of heads at a time: one (G, D) x (D, K G) product per
-        # (batch, head, query block), then the softmax over the 1 + K G logits of each query
-        k_blocks, v_blocks = _whole_blocks(k, G), _whole_blocks(v, G)  # (B H, N_b, G D)
-        block_out = torch.empty(BH, num_blocks, G, D, dtype=q.dtype, device=q.device)
-        col_probs = torch.empty_like(col_logits)
-        all_probs, index = [], layout.flatten()
-        for b0, b1, h0, h1 in _chunks(B, H, heads_per_chunk):
-            heads = slice(b0 * H + h0, (b1 - 1) * H + h1)
-            k_rows = k_blocks[heads].index_select(1, index).view(-1, K * G, D)  # (h N_b, K G, D)
-            probs = torch.bmm(q_blocks[heads].view(-1, G, D), k_rows.transpose(1, 2))  # logits yet
-            del k_rows  # each gathered tensor lives only as long as its product needs it
-            if block_bias is not None:
-                probs.view(b1 - b0, h1 - h0, num_blocks, G, K * G).add_(block_bias[b0:b1, h0:h1])
-            col = col_logits[heads].view(-1, G, 1)
-            top = torch.maximum(probs.amax(dim=-1, keepdim=True), col)  # softmax, in place
-            probs.sub_(top).exp_()
-            col = (col - top).exp_()
-            total = probs.sum(dim=-1, keepdim=True).add_(col)
-            probs.div_(total)
-            torch.div(col, total, out=col_probs[heads].view(-1, G, 1))
-            v_rows = v_blocks[heads].index_select(1, index).view(-1, K * G, D)
-            torch.bmm(probs, v_rows, out=block_out[heads].view(-1, G, D))  # (heads N_b, G, D)
-            del v_rows
-            all_probs.append(probs)
-        block_out.view(BH, -1, D).baddbmm_(col_probs.view(BH, -1, 1), v_cls)  # + the class value
-
-        # (B, 1 + N, H, D), as the output projection reads it: the saved tensor is the one it keeps
-        out = torch.empty(B, L, H, D, dtype=q.dtype, device=q.device)
-        out[:, 0] = cls_out.view(B, H, D)
-        out[:, 1:] = block_out.view(B, H, -1, D)[:, :, :N].transpose(1, 2)
-        out = out.transpose(1, 2)  # (B, H, 1 + N, D)
-        ctx.save_for_backward(q_cls, q_blocks, k, v, layout, row_probs, col_probs, out, *all_probs)
-        ctx.block_size, ctx.heads_per_chunk = G, heads_per_chunk
-        ctx.bias_shapes = [getattr(b, "shape", None) for b in (row_bias, column_bias, block_bias)]
-        return out, row_probs.view(B, H, L)[:, :, 1:].clone()
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_out, grad_cls_attn):
-        q_cls, q_blocks, k, v, layout, row_probs, col_probs, out, *all_probs = ctx.saved_tensors
-        B, H, L, D = k.shape
-        N, G = L - 1, ctx.block_size
-        BH, (num_blocks, K) = B * H, layout.shape
-        scale = D ** -0.5
-        k_cls, v_cls = k[:, :, :1].reshape(BH, 1, D), v[:, :, :1].reshape(BH, 1, D)
-
-        # --- class row (Eq. 9)
-        d_cls_out = grad_out[:, :, :1].reshape(BH, 1, D)
-        d_row_probs = torch.bmm(d_cls_out, v.view(BH, L, D).transpose(1, 2))  # (B H, 1, 1 + N)
-        if grad_cls_attn is not None:
-            d_row_probs.view(B, H, L)[:, :, 1:] += grad_cls_attn
-        d_row_logits = row_probs * (d_row_probs - (row_probs * d_row_probs).sum(-1, keepdim=True))
-        # gradients of k and v: the class row's outer products start the buffers, padded to whole
-        # blocks so that the K G rows of each query block are added back block by block
-        rows = 1 + num_blocks * G
-        d_k = _padded(d_row_logits.transpose(1, 2) * q_cls, rows)  # (B H, 1 + N_b G, D)
-        d_v = _padded(row_probs.transpose(1, 2) * d_cls_out, rows)
-        d_k_blocks = d_k[:, 1:].view(BH, num_blocks, G * D)
-        d_v_blocks = d_v[:, 1:].view(BH, num_blocks, G * D)
-
-        # --- the class column and the softmax's delta, for all heads at once (small tensors).
-        # dO: (B H, N_b, G, D), zero on padded queries.
-        d_block = _blocks(grad_out[:, :, 1:], G).reshape(BH, num_blocks, G, D).contiguous()
-        d_col_probs = torch.bmm(d_block.view(BH, -1, D), v_cls.transpose(1, 2)).view_as(col_probs)
-        # softmax backward: dS = P (dP - rowsum(P dP)), and rowsum(P dP) = rowsum(dO O)
-        delta = (grad_out[:, :, 1:] * out[:, :, 1:]).sum(dim=-1, keepdim=True)  # (B, H, N, 1)
-        delta = _blocks(delta, G).reshape(BH, num_blocks, G, 1)
-        d_col_logits = d_col_probs.sub_(delta).mul_(col_probs)  # (B H, N_b, G, 1)
-
-        # --- regional rows, chunk by chunk as in forward
-        need_block_bias = ctx.needs_input_grad[8]
-        if need_block_bias:
-            d_block_logits = torch.empty(BH, num_blocks, G, K * G, dtype=k.dtype, device=k.device)
-        k_blocks, v_blocks = _whole_blocks(k, G), _whole_blocks(v, G)
-        d_q_blocks = torch.empty(BH, num_blocks, G, D, dtype=k.dtype, device=k.device)  # unscaled
-        index = layout.flatten()
-        for (b0, b1, h0, h1), probs in zip(_chunks(B, H, ctx.heads_per_chunk), all_probs):
-            heads = slice(b0 * H + h0, (b1 - 1) * H + h1)
-            d_out = d_block[heads].view(-1, G, D)
-            v_rows = v_blocks[heads].index_select(1, index).view(-1, K * G, D)
-            d_probs = torch.bmm(d_out, v_rows.transpose(1, 2))  # (heads N_b, G, K G)
-            del v_rows
-            d_v_rows = torch.bmm(probs.transpose(1, 2), d_out)  # dV = P^T dO: (heads N_b, K G, D)
-            d_v_blocks[heads].index_add_(1, index, d_v_rows.view(-1, num_blocks * K, G * D))
-            del d_v_rows
-            d_logits = d_probs.sub_(delta[heads].view(-1, G, 1)).mul_(probs)
-            if need_block_bias:
-                d_block_logits[heads].view(-1, G, K * G).copy_(d_logits)
-            k_rows = k_blocks[heads].index_select(1, index).view(-1, K * G, D)
-            torch.bmm(d_logits, k_rows, out=d_q_blocks[heads].view(-1, G, D))
-            del k_rows
-            # dK = dS^T Q
-            d_k_rows = torch.bmm(d_logits.transpose(1, 2), q_blocks[heads].view(-1, G, D))
-            d_k_blocks[heads].index_add_(1, index, d_k_rows.view(-1, num_blocks * K, G * D))
-            del d_k_rows, d_logits, d_probs
-
-        # the class token's column: its key and value meet every regional query
-        d_q_blocks.view(BH, -1, D).baddbmm_(d_col_logits.view(BH, -1, 1), k_cls)
-        d_k[:, :1].baddbmm_(d_col_logits.view(BH, 1, -1), q_blocks.view(BH, -1, D))
-        d_v[:, :1].baddbmm_(col_probs.view(BH, 1, -1), d_block.view(BH, -1, D))
-
-        d_q = torch.empty_like(k)
-        d_q[:, :, 0] = torch.bmm(d_row_logits, k.view(BH, L, D)).view(B, H, D) * scale
-        torch.mul(d_q_blocks.view(B, H, -1, D)[:, :, :N], scale, out=d_q[:, :, 1:])
-
-        grads = (d_row_logits, d_col_logits, d_block_logits if need_block_bias else None)
-        d_biases = [g.reshape(B, H, *shape[2:]).sum_to_size(shape) if needed else None
-                    for g, shape, needed in zip(grads, ctx.bias_shapes, ctx.needs_input_grad[6:])]
-        return (d_q, d_k[:, :L].view(B, H, L, D), d_v[:, :L].view(B, H, L, D), None, None, None,
-                *d_biases)
 
 
 def draw_edges(num_tokens, block_size, layout):

@@ -24,11 +24,9 @@ The rules:
     in 1080 groups of four (the captions of one scene). The groups are shuffled with the seed; the
     first ones go to the test split, the next to the train split, so no test caption is a training
     caption while every attribute value is seen in training (checked, with a warning on tiny
-    sizes). Captions are unique within each split (the train split repeats captions, in new
-    scenes, only when it asks for more than the 4320 - test captions).
-  - Retrieval on the test split: captions are unique, so each text has exactly one right video.
-  - Sizes: clip counts are rounded up to whole scenes of 4 clips. Default 1600 train and 160 test
-    clips of 16 frames, 112 x 112 px, 8 fps, H.264 (libx264, yuv420p, CRF 18) written with PyAV.
+    sizes). Captions are unique within each split, so each test caption has one right video (the
+    train split repeats captions, in new scenes, only when it asks for more than 4320 - test).
+  - Sizes: whole scenes of 4 clips; 1600 train and 160 test clips of 16 frames, 112 px, 8 fps.
   - Layout: ROOT/train.json, ROOT/test.json, ROOT/videos/{train,test}/SSSSS_K.mp4 (scene S, clip
     K: 0 the clip, 1 its reversal, 2 the events swapped, 3 that reversed), and ROOT/manifest.json,
     written last, holding the parameters: a later call with the same parameters reuses the files,
@@ -482,15 +480,13 @@ def main(argv=None):
     start = time.perf_counter()
     paths = ensure_synthetic(args.out, seed=args.seed, num_train=args.num_train,
                              num_test=args.num_test, force=args.force, workers=args.workers)
-    print(f"ready in {time.perf_counter() - start:.1f} s")
-    for key, path in paths.items():
-        print(f"{key:10s} {path}")
-    print("the four clips of the first test scene, as the loader reads them:")
+    print(f"ready in {time.perf_counter() - start:.1f} s: {', '.join(paths.values())}\nthe four "
+          "clips of the first test scene, as the loader reads them:")
     data.demo(paths["test"], paths["video_root"])
     qa = ensure_synthetic_qa(args.out, seed=args.seed, num_train=args.num_train,
                              num_test=args.num_test)
-    baseline = downstream_data.majority_baseline(downstream_data.load_qa_annotation(qa["train"]),
-                                      downstream_data.load_qa_annotation(qa["test"]))
+    load = downstream_data.load_qa_annotation
+    baseline = downstream_data.majority_baseline(load(qa["train"]), load(qa["test"]))
     print(f"QA: {qa['train']}, {qa['test']}, answers {qa['answer_list']}; the most frequent "
           f"answer of each question type scores {baseline['overall']:.1f}% on the test questions ("
           + ", ".join(f"{kind} {acc:.1f}%" for kind, acc in baseline["per_type"].items()) + ")")

@@ -31,7 +31,6 @@ import logging
 import math
 import os
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -40,20 +39,22 @@ from torch.utils.data import DataLoader
 
 import curriculum
 import data
+import downstream_data
 import finetune
 from checkpoint import (
+    config_of,
     latest_checkpoint,
     load_checkpoint,
     load_model_state,
-    save_checkpoint,
 )
-from config import SViTTConfig, preset
+from config import preset
 from cpu_speedups import keep_freed_memory, use_bf16
 from model import SViTT
 from pretrained import text_model_path
 from run_control import (
     ResumableSampler,
     RunLog,
+    StageCheckpoint,
     StopRequest,
     check_args,
     close_loader,
@@ -63,8 +64,6 @@ from run_control import (
     resume_command,
     seed_everything,
     setup_distributed,
-    start_profiler,
-    training_state,
 )
 from synthetic import ensure_synthetic
 
@@ -150,16 +149,6 @@ def parse_args(argv=None):
 # The run: config, model, data, optimizer
 # --------------------------------------------------------------------------------------------
 
-def stage_config(config, stage, dense=False):
-    """The config with a stage's frames and sparsity (none at all with `dense`)."""
-    if dense:
-        return replace(config, frames=stage.frames, block_size=None, keep_rate_v=1.0,
-                       keep_rate_m=1.0)
-    return replace(config, frames=stage.frames, block_size=stage.block_size,
-                   local_blocks=stage.local_blocks, random_blocks=stage.random_blocks,
-                   keep_rate_v=stage.keep_rate_v, keep_rate_m=stage.keep_rate_m)
-
-
 def build(args, log_line):
     """-> (model, config, stage, checkpoint or None, resume_exact). Architecture comes from the
     checkpoint when resuming; a new run from --preset."""
@@ -167,17 +156,18 @@ def build(args, log_line):
         return finetune.build_finetune(args, log_line)
     if args.resume is None:
         frames = args.frames or 4
-        stage = finetune.stage_of(frames, args.preset or "tiny")
+        stage = curriculum.stage(frames, args.preset or "tiny")
         overrides = {"beit_checkpoint": "" if args.beit == "none" else args.beit}
         if args.text_model:
             overrides["text_model"] = args.text_model
-        config = stage_config(preset(args.preset or "tiny", **overrides), stage, args.dense)
+        config = curriculum.stage_config(preset(args.preset or "tiny", **overrides), stage,
+                                         args.dense)
         return SViTT(config), config, stage, None, False
 
     path = (latest_checkpoint(args.output_dir, "frames*/last.pt") if args.resume == "latest"
             else Path(args.resume))
     ckpt = load_checkpoint(path)
-    old = SViTTConfig.from_dict(ckpt["config"])
+    old = config_of(ckpt, path)
     if args.preset and args.preset != old.preset:
         raise SystemExit(f"--resume: {path} holds a '{old.preset}' model; --preset {args.preset} "
                          f"asks for another architecture (leave --preset out: a resumed run takes "
@@ -187,14 +177,14 @@ def build(args, log_line):
         model = SViTT(old, pretrained=False)
         load_model_state(model, ckpt["model"], path)
         log_line(f"resume {path}: step {ckpt['step']}, epoch {ckpt['epoch']}, {old.frames} frames")
-        return model, old, finetune.stage_of(frames, old.preset), ckpt, True
+        return model, old, curriculum.stage(frames, old.preset), ckpt, True
     if frames < old.frames:
         raise SystemExit(f"--resume: {path} has {old.frames} frames; expansion goes to more "
                          f"frames, not {frames}")
     # temporal sparse expansion: the new stage's sparsity, the weights resized along time
-    stage = finetune.stage_of(frames, old.preset)
+    stage = curriculum.stage(frames, old.preset)
     curriculum.check_curriculum([old, stage])  # Eq. 14-16
-    config = stage_config(old, stage, args.dense)
+    config = curriculum.stage_config(old, stage, args.dense)
     state, message = curriculum.expand(ckpt["model"], old.frames, frames)
     model = SViTT(config, pretrained=False)
     load_model_state(model, state, path)
@@ -247,7 +237,7 @@ def make_loader(dataset, config, *, per_rank, world, rank, seed, workers, device
     tokenizer = data.default_tokenizer(text_model_path(config.text_model))
     loader = DataLoader(dataset, batch_size=per_rank, sampler=sampler, num_workers=workers,
                         drop_last=True,
-                        collate_fn=finetune.task_collate(task, tokenizer, config, seed),
+                        collate_fn=downstream_data.task_collate(task, tokenizer, config, seed),
                         pin_memory=device.type == "cuda", persistent_workers=workers > 0,
                         worker_init_fn=ignore_stop_signals,
                         generator=torch.Generator().manual_seed(seed))
@@ -335,54 +325,66 @@ def closing_loader(loader):
         close_loader(loader)
 
 
+def make_dataset(args, config, annotation, video_root):
+    """The training set of the task: caption pairs for pre-training (data.py), a fine-tuning
+    task's (finetune.task_dataset)."""
+    if args.task != "pretrain":
+        return finetune.task_dataset(args.task, annotation, video_root, config, train=True,
+                                     seed=args.seed, paragraph=args.paragraph)
+    return data.VideoTextDataset(annotation, video_root, frames=config.frames,
+                                 image_size=config.image_size, train=True, mean=config.image_mean,
+                                 std=config.image_std, flip=config.horizontal_flip,
+                                 crop_scale=tuple(config.crop_scale), seed=args.seed)
+
+
+def check_batch_size(batch_size, world, task):
+    if batch_size % world:
+        raise SystemExit(f"--batch-size {batch_size}: must divide among the {world} processes")
+    if task != "qa" and batch_size // world < 2:
+        raise SystemExit(f"--batch-size {batch_size}: VTC and VTM draw their negatives from the "
+                         f"batch, so each of the {world} process(es) needs at least 2 clips")
+
+
+def distributed(model, world, device):
+    """The model as the step runs it: DistributedDataParallel under torchrun, else itself."""
+    if world == 1:
+        return model
+    return torch.nn.parallel.DistributedDataParallel(
+        model, device_ids=[device] if device.type == "cuda" else None)
+
+
+def stage_line(config):
+    edges = curriculum.count_config_edges(config)
+    return (f"stage T={config.frames} ({config.preset}): (K_l, K_r, G)=({config.local_blocks}, "
+            f"{config.random_blocks}, {config.block_size}), (q_v, q_m)=({config.keep_rate_v}, "
+            f"{config.keep_rate_m}), {edges.total / 1e6:.3f}M edges of {edges.dense / 1e6:.3f}M "
+            f"dense, sparsity S={edges.sparsity:.2f} (Eq. 19)")
+
+
 def train(args, argv=()):
-    """One stage of pre-training: AdamW with a cosine schedule and warm-up over the stage's
-    epochs (Sec. A.3, Table 9). A checkpoint every --save-every steps and at the end; SIGTERM or
-    SIGINT stop the run after its step with a checkpoint (StopRequest).
-    `argv`, the command line, goes into the message that says how to resume."""
+    """One stage: AdamW with a cosine schedule and warm-up over the stage's epochs (Sec. A.3,
+    Table 9). A checkpoint every --save-every steps and at the end; SIGTERM or SIGINT stop the
+    run after its step with a checkpoint (StopRequest). `argv`, the command line, goes into the
+    message that says how to resume."""
+    # setup: processes, model, data, optimizer, where a resumed run stands
     keep_freed_memory()
     rank, world, device = setup_distributed(args.device)
     run_log = RunLog(main_process=rank == 0)
     seed_everything(args.seed, rank)  # each process its own dropout and random blocks (Eq. 8)
     model, config, stage, ckpt, exact = build(args, run_log.line)
     finetune.freeze_unused(model, args.task)  # DDP waits for a gradient of every trainable one
-    prefix = "" if args.task == "pretrain" else f"{args.task}_"
-    stage_dir = Path(args.output_dir) / f"{prefix}frames{config.frames}"
-    edges = curriculum.count_config_edges(config)
-    run_log.line(f"stage T={config.frames} ({config.preset}): (K_l, K_r, "
-                 f"G)=({config.local_blocks}, "
-                 f"{config.random_blocks}, {config.block_size}), (q_v, q_m)=({config.keep_rate_v}, "
-                 f"{config.keep_rate_m}), {edges.total / 1e6:.3f}M edges of "
-                 f"{edges.dense / 1e6:.3f}M dense, sparsity S={edges.sparsity:.2f} (Eq. 19)")
-
+    run_log.line(stage_line(config))
     train_ann, test_ann, video_root = data_paths(args)
-    if args.task == "pretrain":
-        dataset = data.VideoTextDataset(train_ann, video_root, frames=config.frames,
-                                        image_size=config.image_size, train=True,
-                                        mean=config.image_mean, std=config.image_std,
-                                        flip=config.horizontal_flip,
-                                        crop_scale=tuple(config.crop_scale), seed=args.seed)
-    else:
-        dataset = finetune.task_dataset(args.task, train_ann, video_root, config, train=True,
-                                        seed=args.seed, paragraph=args.paragraph)
+    dataset = make_dataset(args, config, train_ann, video_root)
     hp = hyper_parameters(args, stage, ckpt if exact else None)
-    epochs, batch_size, lr = hp["epochs"], hp["batch_size"], hp["lr"]
-    if batch_size % world:
-        raise SystemExit(f"--batch-size {batch_size}: must divide among the {world} processes")
-    if args.task != "qa" and batch_size // world < 2:
-        raise SystemExit(f"--batch-size {batch_size}: VTC and VTM draw their negatives from the "
-                         f"batch, so each of the {world} process(es) needs at least 2 clips")
+    epochs, batch_size = hp["epochs"], hp["batch_size"]
+    check_batch_size(batch_size, world, args.task)
     workers = args.workers if args.workers is not None else (4 if device.type == "cuda" else 1)
     loader, sampler, steps_per_epoch = make_loader(
         dataset, config, per_rank=batch_size // world, world=world, rank=rank, seed=args.seed,
         workers=workers, device=device, task=args.task)
-
-    model.to(device)
-    ddp = model
-    if world > 1:
-        ddp = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device] if device.type == "cuda" else None)
-    optimizer = make_optimizer(model, lr, stage.weight_decay, hp["text_lr_scale"])
+    ddp = distributed(model.to(device), world, device)
+    optimizer = make_optimizer(model, hp["lr"], stage.weight_decay, hp["text_lr_scale"])
     total_steps = epochs * steps_per_epoch
     scheduler = cosine_schedule(optimizer, int(stage.warmup_epochs * steps_per_epoch), total_steps,
                                 config.lr_floor)
@@ -391,78 +393,57 @@ def train(args, argv=()):
                                           seed=args.seed, log_line=run_log.line))
     max_steps = min(total_steps, args.max_steps) if args.max_steps else total_steps
     bf16 = use_bf16(args.precision, device)
-    run = {"epochs": epochs, "batch_size": batch_size, "lr": lr,
-           "text_lr_scale": hp["text_lr_scale"], "seed": args.seed,
-           "data": str(train_ann), "video_root": str(video_root),
+    run = {**hp, "seed": args.seed, "data": str(train_ann), "video_root": str(video_root),
            "test_data": str(test_ann) if test_ann else None, "task": args.task,
            "init": args.init, "paragraph": args.paragraph,
            "answer_list": str(args.answer_list) if args.answer_list else None,
            "precision": "bf16" if bf16 else "fp32"}
-
+    prefix = "" if args.task == "pretrain" else f"{args.task}_"
+    stage_dir = Path(args.output_dir) / f"{prefix}frames{config.frames}"
+    checkpoint = StageCheckpoint(stage_dir / "last.pt", model=model, optimizer=optimizer,
+                                 scheduler=scheduler, config=config, run=run, rank=rank,
+                                 world=world)
     save_every = args.save_every or SAVE_EVERY.get(config.preset, SAVE_EVERY["base"])
-    checkpoint_path = stage_dir / "last.pt"
-
-    def save(reason):
-        # every process's random states (one collective); the main process writes them
-        state = training_state(model, optimizer, scheduler, step=step, epoch=epoch,
-                               config=config, run=run, world=world)
-        if rank != 0:
-            return step
-        try:
-            save_checkpoint(checkpoint_path, state)
-        except OSError as error:
-            kept = (f"{checkpoint_path} (step {saved_step}) is unchanged" if saved_step
-                    else "no checkpoint of this run was written")
-            raise SystemExit(f"step {step}: cannot write the {reason} checkpoint "
-                             f"{checkpoint_path} ({error.strerror or error}); {kept}") from None
-        return step
-
-    run_log.open(stage_dir / "tb")
+    run_log.open(stage_dir, profile=args.profile)
     items, item = ("questions", "questions") if args.task == "qa" else ("pairs", "clips")
     run_log.line(f"{len(dataset)} {items}, {steps_per_epoch} steps of {batch_size} {item} an "
-                 f"epoch, {epochs} epochs, lr {lr:g}, {world} process(es) on {device}, "
+                 f"epoch, {epochs} epochs, lr {hp['lr']:g}, {world} process(es) on {device}, "
                  f"{'bf16 autocast' if bf16 else 'fp32'}; logs in {stage_dir}")
-    profiler = start_profiler(stage_dir / "profile") if args.profile and rank == 0 else None
+
+    edges = curriculum.count_config_edges(config)  # logged with every step
+
+    # the loop: a resumed epoch skips the batches it has seen; every process stops after the
+    # same step, and saves at the same steps
     model.train()
-    saved_step = stopped = None
-    with StopRequest(checkpoint_path) as stop, closing_loader(loader):
+    stopped = False
+    with StopRequest(checkpoint.path) as stop, closing_loader(loader):
         while epoch < epochs and step < max_steps and not stopped:
-            # a resumed epoch skips the batches it has seen; the items carry the epoch
             sampler.set_epoch(epoch, skip_batches=step - epoch * steps_per_epoch)
             for batch in run_log.progress(loader, total=min(len(loader), max_steps - step),
                                           desc=f"T={config.frames} epoch {epoch + 1}/{epochs}"):
-                run_log.batch(batch)
                 values, record = train_step(ddp, optimizer, scheduler, batch, device, step, bf16)
                 step += 1
-                if profiler is not None:
-                    profiler.step()
-                run_log.step(step, values, clips=batch_size, lr=scheduler.get_last_lr()[0],
-                             edges=edges, record=record)
-                end_of_epoch = step == (epoch + 1) * steps_per_epoch
-                epoch += end_of_epoch  # the epoch's last batch: a resume starts the next one
+                epoch += step == (epoch + 1) * steps_per_epoch  # a resume starts the next one
+                run_log.step(step, values, batch=batch, clips=batch_size,
+                             lr=scheduler.get_last_lr()[0], edges=edges, record=record)
                 stopped = stop.agreed(world, device)
-                if stopped or step >= max_steps or step % save_every == 0:  # on every rank
-                    saved_step = save("stopping" if stopped else "periodic")
+                if stopped or step >= max_steps or step % save_every == 0:
+                    checkpoint.save(step, epoch, "stopping" if stopped else "periodic")
                 if stopped or step >= max_steps:
                     break
             run_log.bar.close()
 
-    if profiler is not None:
-        profiler.stop()
-        run_log.line(f"profiler trace in {stage_dir / 'profile'} "
-                     f"(tensorboard --logdir {stage_dir / 'profile'})")
     run_log.close(frames=config.frames, step=step, epoch=epoch, epochs=epochs,
                   steps_per_epoch=steps_per_epoch, device=device)
     if world > 1:
         dist.destroy_process_group()
     if stopped:
         run_log.line(f"{stop.name}: stopped after step {step} of {max_steps} with the checkpoint "
-                     f"{checkpoint_path}; continue with: "
-                     f"{resume_command(argv, checkpoint_path)}")
-    return {"checkpoint": checkpoint_path, "losses": run_log.losses, "step": step,
-            "stopped": stop.signum,
-            "test_data": test_ann, "video_root": video_root, "task": args.task,
-            "answer_list": args.answer_list, "paragraph": args.paragraph,
+                     f"{checkpoint.path}; continue with: "
+                     f"{resume_command(argv, checkpoint.path)}")
+    return {"checkpoint": checkpoint.path, "losses": run_log.losses, "step": step,
+            "stopped": stop.signum, "test_data": test_ann, "video_root": video_root,
+            "task": args.task, "answer_list": args.answer_list, "paragraph": args.paragraph,
             "precision": run["precision"]}
 
 
@@ -476,7 +457,7 @@ def main(argv=None):
     try:
         check_args(args)
         result = train(args, argv)
-    except data.AnnotationError as error:
+    except (data.AnnotationError, curriculum.NoStage) as error:
         raise SystemExit(str(error)) from None
     if result["stopped"]:
         raise SystemExit(128 + result["stopped"])

@@ -13,7 +13,6 @@ T = 16 costs nothing to count.
 
     python benchmarks/cost.py [--preset base] [--timing-preset tiny] [--device cuda]
                               [--output rows.json]
-    python eval.py --cost ...                       # the same
 """
 import argparse
 import json
@@ -43,7 +42,7 @@ PAPER_TABLE2 = {  # (T, sparsity) -> (GFLOPs, training memory GB) of Table 2
 
 def sparsity_modes(config, frames):
     """Dense, edge, node and hybrid configs at `frames`, the sparse ones with the stage's values."""
-    stage = curriculum.stage_for(frames, config.preset)
+    stage = curriculum.stage(frames, config.preset)
     base = replace(config, frames=frames)
     return {
         "dense": replace(base, block_size=None, keep_rate_v=1.0, keep_rate_m=1.0),
@@ -142,16 +141,13 @@ def predicted_gflops(model, config):
     cross-attention's keys and values on the video tokens.
     """
     count = curriculum.count_config_edges(config)
-    d, d_ff = config.vision_width, config.vision_width * config.mlp_ratio
+    d, d_ff = config.vision_width, config.vision_width * 4
     w, w_ff = model.config.text_config["hidden_size"], model.config.text_config["intermediate_size"]
     n_t = config.text_len
-    stem = model.video_encoder.patch_embed
-    if hasattr(stem, "flops"):  # the convolutional stem (stem="conv")
-        flops = stem.flops(config.frames)
-    else:  # the linear patch embedding
-        flops = 2 * (count.visual_tokens[0] - 1) * 3 * config.patch_size ** 2 * d
-    if model.video_encoder.space_time_conv is not None:  # space_time_conv
-        flops += model.video_encoder.space_time_conv.flops(config.frames, config.grid)
+    patches = count.visual_tokens[0] - 1
+    flops = 2 * patches * 3 * config.patch_size ** 2 * d  # the linear patch embedding
+    if config.space_time_conv:  # two 3 x 3 x 3 convolutions, d -> hidden -> d, per patch
+        flops += 2 * patches * 2 * 27 * d * config.space_time_conv
     for n, e in zip(count.visual_tokens, count.visual):
         flops += 2 * n * (4 * d * d + 2 * d * d_ff) + 4 * e * d
     text_layer = 2 * n_t * (4 * w * w + 2 * w * w_ff) + 4 * n_t * n_t * w

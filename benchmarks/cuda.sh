@@ -19,5 +19,5 @@ for impl in sdpa bmm flex; do
     run python benchmarks/attention.py --device cuda --dtype bfloat16 --repeats 20 --impl "$impl"
 done
 run python train.py --frames 4 --max-steps 20 --no-eval --device cuda --output-dir runs/cuda-check
-run python eval.py --cost --timing-preset base --device cuda
+run python benchmarks/cost.py --timing-preset base --device cuda
 exit $status

@@ -1,7 +1,7 @@
-"""Benchmark: text search of a large index by VTC alone (`python eval.py --search ... --k 0`).
+"""Benchmark: text search of a large index by VTC alone (`python search.py --search ... --k 0`).
 
 Builds an index of random unit features (as many as --videos, 100,000 by default) for the model of
-a preset (random weights: the time does not depend on them), saves it, loads it back as eval.py
+a preset (random weights: the time does not depend on them), saves it, loads it back as search.py
 does and prints the median time of search() (encoding the query, one matrix-vector product over
 the index, the top results), and of loading the index.
 

@@ -2,9 +2,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.slow
 def test_attention_benchmark_prints_rows_and_writes_a_trace(tmp_path):
     trace = tmp_path / "trace"
     result = subprocess.run(
@@ -60,7 +63,7 @@ def test_order_probe_labels_follow_the_caption_order():
     from synthetic import COLOURS, DIRECTIONS, SHAPES
 
     spec = importlib.util.spec_from_file_location("order_probe",
-                                                  ROOT / "benchmarks" / "order_probe.py")
+                                                  ROOT / "experiments" / "order_probe.py")
     probe = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(probe)
     forward = probe.attribute_labels("a red circle moves down, then a yellow triangle moves up")

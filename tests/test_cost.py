@@ -17,6 +17,7 @@ def test_cost_table_on_meta_device():
     assert by["dense"]["memory_fused"] < by["dense"]["memory_plain"]
 
 
+@pytest.mark.slow
 def test_cost_table_times_the_timing_preset(capsys):
     rows = cost.cost_table("tiny", "tiny", torch.device("cpu"), frames_list=(4,), repeats=1)
     by = {r["sparsity"]: r for r in rows}

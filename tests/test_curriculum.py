@@ -106,3 +106,23 @@ def test_tiny_batches_hold_whole_synthetic_scenes():
     assert scene == 4
     for stage in TINY_STAGES.values():
         assert stage.batch_size % scene == 0, stage
+
+
+def test_one_lookup_for_every_stage():
+    """curriculum.stage holds Table 9's pre-training and fine-tuning columns (base) and their CPU
+    scaling (tiny); a frame count without a stage names those there are."""
+    from curriculum import NoStage, stage, stage_config
+    assert stage(4) == STAGES[4] and stage(8, "tiny").batch_size == 32
+    qa = stage(8, "base", "qa")  # Table 9, QA: 8 frames, (q_v, q_m) = (0.6, 0.5), lr 5e-5
+    assert (qa.keep_rate_v, qa.keep_rate_m, qa.lr, qa.warmup_epochs) == (0.6, 0.5, 5e-5, 0)
+    retrieval = stage(4, "base", "retrieval")  # the pre-training keep rates, lr 1e-5
+    assert (retrieval.keep_rate_m, retrieval.lr, retrieval.batch_size) == (0.1, 1e-5, 64)
+    assert stage(8, "tiny", "qa").text_lr_scale == 1.0  # the new decoder at the full rate
+    with pytest.raises(NoStage, match="no qa stage of 6 frames for the tiny preset; stages exist "
+                                      "for 4, 8, 16"):
+        stage(6, "tiny", "qa")
+    from config import preset
+    config = stage_config(preset("tiny"), stage(8, "tiny"))
+    assert (config.frames, config.keep_rate_v, config.block_size) == (8, 0.6, 14)
+    dense = stage_config(preset("tiny"), stage(8, "tiny"), dense=True)
+    assert (dense.block_size, dense.keep_rate_v, dense.keep_rate_m) == (None, 1.0, 1.0)

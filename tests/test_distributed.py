@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-import run_control
 import synthetic
 
+pytestmark = pytest.mark.slow  # torchrun, after a training run
 ROOT = Path(__file__).resolve().parent.parent
 PORTS = iter(range(29540, 29560))  # one rendezvous port a launch, so launches never collide
 
@@ -107,35 +107,3 @@ def test_sigterm_under_torchrun_stops_with_a_checkpoint_and_resume_continues(cli
     for key in whole["model"]:  # each process's random stream continued
         torch.testing.assert_close(resumed["model"][key], whole["model"][key], rtol=1e-5,
                                    atol=1e-5)
-
-
-def test_each_rank_draws_its_own_numbers_and_resumes_its_own_state(tmp_path):
-    run_control.seed_everything(0, rank=0)
-    rank0 = torch.rand(4)
-    run_control.seed_everything(0, rank=1)
-    rank1 = torch.rand(4)
-    assert not torch.equal(rank0, rank1)
-    run_control.seed_everything(0)  # rank 0 draws as a single process
-    assert torch.equal(torch.rand(4), rank0)
-
-    class Nothing:  # the optimizer and schedule are not under test here
-        def load_state_dict(self, state):
-            pass
-
-    states = []
-    for rank in range(2):
-        run_control.seed_everything(5, rank)
-        states.append(run_control.rng_state())
-    ckpt = {"rng": states, "step": 7, "epoch": 1, "optimizer": None, "scheduler": None}
-    expected = []
-    for rank in range(2):
-        run_control.set_rng_state(states[rank])
-        expected.append(torch.rand(3))
-    for rank in range(2):
-        run_control.restore_training_state(ckpt, Nothing(), Nothing(), rank=rank, world=2)
-        assert torch.equal(torch.rand(3), expected[rank])
-    # another number of processes: a line says the streams start anew
-    lines = []
-    run_control.restore_training_state(ckpt, Nothing(), Nothing(), rank=0, world=4,
-                                       log_line=lines.append)
-    assert "random states of 2 process(es), this run has 4" in lines[0]

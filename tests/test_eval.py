@@ -41,6 +41,7 @@ def run_eval(checkpoint, tmp_path, *extra):
     return result
 
 
+@pytest.mark.slow
 def test_retrieval_and_overrides(checkpoint, tmp_path):
     base = run_eval(checkpoint, tmp_path)
     for ranking in ("vtc", "vtm"):
@@ -56,6 +57,7 @@ def test_retrieval_and_overrides(checkpoint, tmp_path):
     assert wider["sparsity"]["edges"] > base["sparsity"]["edges"]
 
 
+@pytest.mark.slow
 def test_shuffle_frames_changes_the_clips(checkpoint, tmp_path):
     model, config, run = evaluation.load_model(checkpoint, torch.device("cpu"))
     dataset = data.VideoTextDataset(run["test_data"], run["video_root"], frames=4,
@@ -71,6 +73,7 @@ def test_shuffle_frames_changes_the_clips(checkpoint, tmp_path):
     assert "shuffled" in result and "shuffled_difference" in result
 
 
+@pytest.mark.slow
 def test_bf16_evaluation_is_close_to_fp32_and_says_so(checkpoint, tmp_path):
     model, config, run = evaluation.load_model(checkpoint, torch.device("cpu"))
     dataset = data.VideoTextDataset(run["test_data"], run["video_root"], frames=4,
@@ -88,11 +91,12 @@ def test_bf16_evaluation_is_close_to_fp32_and_says_so(checkpoint, tmp_path):
     assert 0 <= result["vtm"]["t2v_R@1"] <= 100 and "group_acc" in result["vtc"]
 
 
+@pytest.mark.slow
 def test_pictures_and_sweep(checkpoint, tmp_path):
     result = run_eval(checkpoint, tmp_path, "--visualize", str(tmp_path / "pictures"),
-                      "--num-pictures", "2",
-                      "--sweep", "keep-rate-v", "--sweep-values", "1.0", "0.5", "--k", "2")
-    assert len(result["pictures"]) == 2
+                      "--sweep", "keep-rate-v", "1.0", "0.5", "--k", "2")
+    assert len(result["pictures"]) == evaluation.PICTURES
+    assert result["sweep"]["values"] == [1.0, 0.5]
     for picture in result["pictures"]:
         image = imread(picture)  # (height, width, RGBA) in [0, 1]
         # two strips of T = 4 frames, 1.6 x 3.6 inches a frame column at 100 dpi
@@ -107,6 +111,7 @@ def test_pictures_and_sweep(checkpoint, tmp_path):
     assert result["sweep"]["values"] == [1.0, 0.5]
 
 
+@pytest.mark.slow
 def test_reversed_frames_are_reported(checkpoint, tmp_path):
     result = run_eval(checkpoint, tmp_path, "--reverse-frames", "--k", "4")
     # the synthetic test split groups each scene's four clips: group accuracy for both rankings

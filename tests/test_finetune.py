@@ -1,64 +1,13 @@
-"""Tests for retrieval fine-tuning: the annotation variants of the retrieval benchmarks and
-fine-tuning runs (train.py --task retrieval) that resume. Recall with several right videos is
-tested in test_metrics.py."""
+"""Tests for fine-tuning: fine-tuning runs (train.py --task retrieval, qa) that resume. The
+annotation variants of the retrieval benchmarks are tested in test_downstream_data.py, recall with
+several right videos in test_metrics.py."""
 
 import json
 
-import numpy as np
 import pytest
 import torch
 
-import downstream_data
 import synthetic
-
-
-def write_videos(root, names, num_frames=8, size=32):
-    for i, name in enumerate(names):
-        frames = np.full((num_frames, size, size, 3), 20 * i, dtype=np.uint8)
-        (root / name).parent.mkdir(parents=True, exist_ok=True)
-        synthetic.write_mp4(str(root / name), frames, fps=8)
-
-
-def dataset(tmp_path, entries, **kwargs):
-    path = tmp_path / "ann.json"
-    path.write_text(json.dumps(entries))
-    write_videos(tmp_path / "videos", sorted({e["video"] for e in entries}))
-    kwargs.setdefault("train", False)
-    return downstream_data.RetrievalDataset(path, tmp_path / "videos", frames=2, image_size=16,
-                                            **kwargs)
-
-
-def test_string_and_list_captions(tmp_path):
-    entries = [{"video": "a.mp4", "caption": "A dog runs."},
-               {"video": "b.mp4", "caption": ["a cat sits", "the cat, sitting"]}]
-    train = dataset(tmp_path, entries, train=True)
-    # each caption one training item; captions of one video share its video_id (VTC positives)
-    assert [(text, vid) for text, vid in train.items] == [
-        ("a dog runs", 0), ("a cat sits", 1), ("the cat sitting", 1)]
-    test = dataset(tmp_path, entries)
-    assert len(test) == 2 and test.captions == [("a dog runs", 0), ("a cat sits", 1),
-                                                ("the cat sitting", 1)]
-    assert test.ground_truth == [[0], [1], [1]]
-
-
-def test_paragraph_joins_sentences(tmp_path):
-    entries = [{"video": "a.mp4", "caption": ["A man enters.", "He sits down."]},
-               {"video": "b.mp4", "caption": "one sentence"}]
-    train = dataset(tmp_path, entries, train=True, paragraph=True)
-    assert train.items == [("a man enters he sits down", 0), ("one sentence", 1)]
-    test = dataset(tmp_path, entries, paragraph=True)
-    assert test.captions == [("a man enters he sits down", 0), ("one sentence", 1)]
-
-
-def test_several_ground_truth_videos(tmp_path):
-    entries = [{"video": "a.mp4", "caption": "pushing something"},
-               {"video": "b.mp4", "caption": "pulling something"},
-               {"video": "c.mp4", "caption": "Pushing something."}]
-    test = dataset(tmp_path, entries)
-    assert test.captions == [("pushing something", 0), ("pulling something", 1)]
-    assert test.ground_truth == [[0, 2], [1]]
-    assert test.ground_truth_matrix().tolist() == [[True, False, True], [False, True, False]]
-
 
 # --------------------------------------------------------------------------------------------
 # Fine-tuning runs (train.py --task ...)
@@ -84,6 +33,7 @@ def finetune_run(pretrained, out, *extra):
                        "--batch-size", "4", "--workers", "0", "--no-eval", *extra])
 
 
+@pytest.mark.slow
 def test_retrieval_finetuning_resumes_exactly(pretrained, tmp_path):
     init = ["--init", str(pretrained["checkpoint"])]
     whole = finetune_run(pretrained, tmp_path / "whole", *init, "--max-steps", "3", "--epochs", "2")
@@ -100,11 +50,13 @@ def test_retrieval_finetuning_resumes_exactly(pretrained, tmp_path):
     assert ckpt["run"]["lr"] == 3e-4 and ckpt["run"]["text_lr_scale"] == 0.05
 
 
+@pytest.mark.slow
 def test_finetuning_needs_a_checkpoint(pretrained, tmp_path):
     with pytest.raises(SystemExit, match="needs --init"):
         finetune_run(pretrained, tmp_path)
 
 
+@pytest.mark.slow
 def test_qa_finetuning_and_evaluation(pretrained, tmp_path):
     import eval as evaluation
     import train
@@ -146,11 +98,14 @@ def test_fine_tuning_crops_as_the_checkpoint_was_trained(tmp_path):
         assert (train.crop_scale, train.flip, test.flip) == (scale, flip, False)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("task", ["pretrain", "retrieval", "qa"])
 def test_each_task_trains_every_parameter_it_leaves_unfrozen(pretrained, task):
     """After freeze_unused every trainable parameter gets a gradient from the task's loss (what
     DistributedDataParallel waits for), and each frozen one would have got none."""
+    import curriculum
     import data
+    import downstream_data
     import finetune
     from checkpoint import load_checkpoint
     from config import SViTTConfig
@@ -159,7 +114,7 @@ def test_each_task_trains_every_parameter_it_leaves_unfrozen(pretrained, task):
     ckpt = load_checkpoint(pretrained["checkpoint"])
     config = SViTTConfig.from_dict(ckpt["config"])
     if task != "pretrain":
-        config = finetune.finetune_config(config, finetune.stage_of(4, "tiny", task))
+        config = finetune.finetune_config(config, curriculum.stage(4, "tiny", task))
     model = finetune.model_class(task)(config, pretrained=False)
     finetune.load_initial_state(model, ckpt["model"], "checkpoint")
     annotation = pretrained["train"] if task == "qa" else str(pretrained["root"] / "train.json")
@@ -168,7 +123,7 @@ def test_each_task_trains_every_parameter_it_leaves_unfrozen(pretrained, task):
                data.VideoTextDataset(annotation, pretrained["video_root"], frames=4,
                                      image_size=config.image_size, train=True))
     tokenizer = data.default_tokenizer(text_model_path(config.text_model))
-    collate_fn = finetune.task_collate(task, tokenizer, config, seed=0)
+    collate_fn = downstream_data.task_collate(task, tokenizer, config, seed=0)
     batch = collate_fn([dataset[(0, i)] for i in range(2)])  # a batch of one clip's questions
     batch = {k: v for k, v in batch.items() if torch.is_tensor(v)}
 

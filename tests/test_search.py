@@ -10,8 +10,10 @@ import torch
 
 import data
 import eval as evaluation
+import pictures
 import search
 import synthetic
+from checkpoint import load_model
 from model import SViTT, preset
 
 RED, GREEN, BLUE = (220, 40, 40), (40, 180, 70), (40, 90, 235)
@@ -79,7 +81,7 @@ def count_clips(model, monkeypatch):
 
 def test_index_lists_the_unreadable_file_and_indexes_the_rest(folder, checkpoint, tmp_path, capsys):
     output = tmp_path / "index.pt"
-    evaluation.main(["--index", str(folder), "--checkpoint", str(checkpoint),
+    search.main(["--index", str(folder), "--checkpoint", str(checkpoint),
                      "--output", str(output), "--workers", "0", "--batch-size", "2"])
     index = torch.load(output, weights_only=True)
     assert index["paths"] == [str(folder / "more" / "green.MKV"), str(folder / "red.mp4")]
@@ -178,11 +180,11 @@ def test_contact_sheet_has_one_row_per_result(tmp_path):
     results = [{"rank": 1, "path": str(tmp_path / "red.mp4"), "vtc": 0.9, "vtm": -0.1},
                {"rank": 2, "path": str(tmp_path / "blue.mp4"), "vtc": 0.8, "vtm": -0.5},
                {"rank": 3, "path": str(tmp_path / "gone.mp4"), "vtc": 0.1, "vtm": None}]
-    row = round(search.SHEET_ROW_HEIGHT * search.SHEET_DPI)
-    width = round(search.SHEET_WIDTH * search.SHEET_DPI)
-    sheet = search.contact_sheet(results, tmp_path / "sheet.png", frames=4)
+    row = round(pictures.SHEET_ROW_HEIGHT * pictures.SHEET_DPI)
+    width = round(pictures.SHEET_WIDTH * pictures.SHEET_DPI)
+    sheet = pictures.contact_sheet(results, tmp_path / "sheet.png", frames=4)
     assert png_size(sheet) == (width, 3 * row)
-    assert png_size(search.contact_sheet(results[:1], tmp_path / "one.png")) == (width, row)
+    assert png_size(pictures.contact_sheet(results[:1], tmp_path / "one.png")) == (width, row)
     # each row shows its own video: the frame strip of row 1 is red, of row 2 blue
     import matplotlib.image
     pixels = matplotlib.image.imread(sheet)[..., :3]  # (H, W, 3) in [0, 1]
@@ -194,35 +196,37 @@ def test_contact_sheet_has_one_row_per_result(tmp_path):
 
 def test_cli_search_embed_text_and_bad_files(folder, checkpoint, tokenizer, tmp_path):
     index_path = tmp_path / "index.pt"
-    evaluation.main(["--index", str(folder), "--checkpoint", str(checkpoint),
+    search.main(["--index", str(folder), "--checkpoint", str(checkpoint),
                      "--output", str(index_path), "--workers", "0"])
-    out, pictures = tmp_path / "results.json", tmp_path / "pictures"
-    result = evaluation.main(["--search", "a red square", "--index", str(index_path), "--k", "1",
-                              "--top", "2", "--output", str(out), "--visualize", str(pictures)])
+    out, sheets = tmp_path / "results.json", tmp_path / "pictures"
+    result = search.main(["--search", "a red square", "--index", str(index_path), "--k", "1",
+                              "--top", "2", "--output", str(out), "--visualize", str(sheets)])
     written = json.loads(out.read_text())
     assert written["results"] == result["results"] and len(written["results"]) == 2
     assert written["results"][0]["vtm"] is not None and written["results"][1]["vtm"] is None
-    assert png_size(result["picture"])[1] == 2 * round(search.SHEET_ROW_HEIGHT * search.SHEET_DPI)
+    row = round(pictures.SHEET_ROW_HEIGHT * pictures.SHEET_DPI)
+    assert png_size(result["picture"])[1] == 2 * row
 
     captions = tmp_path / "captions.txt"
     captions.write_text("a red square moves up\n\na blue circle moves left\n")
-    evaluation.main(["--embed-text", str(captions), "--checkpoint", str(checkpoint)])
+    search.main(["--embed-text", str(captions), "--checkpoint", str(checkpoint)])
     features = torch.load(tmp_path / "captions.pt", weights_only=True)
     assert features["captions"] == ["a red square moves up", "a blue circle moves left"]
-    model, _, _ = evaluation.load_model(checkpoint, "cpu")
+    model, _, _ = load_model(checkpoint, "cpu")
     expected = search.encode_captions(model, tokenizer, features["captions"])[2]
     torch.testing.assert_close(features["text_feat"], expected, atol=1e-5, rtol=0)
 
     with pytest.raises(SystemExit, match="not a video_index"):
-        evaluation.main(["--search", "x", "--index", str(tmp_path / "captions.pt")])
+        search.main(["--search", "x", "--index", str(tmp_path / "captions.pt")])
     with pytest.raises(SystemExit, match="not of"):
-        evaluation.main(["--search", "x", "--index", str(index_path),
+        search.main(["--search", "x", "--index", str(index_path),
                          "--checkpoint", str(captions)])
     with pytest.raises(SystemExit, match="no such folder"):
-        evaluation.main(["--index", str(tmp_path / "nowhere"), "--checkpoint", str(checkpoint),
+        search.main(["--index", str(tmp_path / "nowhere"), "--checkpoint", str(checkpoint),
                          "--output", str(tmp_path / "other.pt")])
 
 
+@pytest.mark.slow
 def test_search_benchmark_prints_its_time(tmp_path):
     script = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "search.py")
     result = subprocess.run([sys.executable, script, "--videos", "1000", "--repeats", "1"],

@@ -194,9 +194,10 @@ def test_sparse_with_all_blocks_equals_dense():
 
 def test_auto_trains_with_bmm_and_infers_with_sdpa(monkeypatch):
     import sparse_attention as module
+    import sparse_attention_cpu as cpu
     calls = []
-    apply, sdpa = module._BlockSparseAttention.apply, module.F.scaled_dot_product_attention
-    monkeypatch.setattr(module._BlockSparseAttention, "apply",
+    apply, sdpa = cpu._BlockSparseAttention.apply, module.F.scaled_dot_product_attention
+    monkeypatch.setattr(cpu._BlockSparseAttention, "apply",
                         lambda *a: calls.append("bmm") or apply(*a))
     monkeypatch.setattr(module.F, "scaled_dot_product_attention",
                         lambda *a, **k: calls.append("sdpa") or sdpa(*a, **k))
@@ -210,7 +211,7 @@ def test_auto_trains_with_bmm_and_infers_with_sdpa(monkeypatch):
 
 @pytest.mark.parametrize("batch,heads,heads_per_chunk", [(2, 5, 2), (3, 3, 7), (2, 3, 1)])
 def test_chunks_cover_every_head_once_in_order(batch, heads, heads_per_chunk):
-    import sparse_attention as module
+    import sparse_attention_cpu as module
     covered = []
     for b0, b1, h0, h1 in module._chunks(batch, heads, heads_per_chunk):
         assert b1 - b0 == 1 or (h0, h1) == (0, heads)  # within one item, or whole items
@@ -224,7 +225,7 @@ def test_chunks_cover_every_head_once_in_order(batch, heads, heads_per_chunk):
 def test_chunked_bmm_equals_plain_path(monkeypatch, heads_per_chunk, per_item_bias):
     """The CPU path, run a few heads at a time, gives the plain path's output, class weights and
     gradients of q, k, v and the bias table."""
-    import sparse_attention as module
+    import sparse_attention_cpu as module
     B, H, N, G, D, K = 3, 5, 30, 4, 8, 3
     per_head = math.ceil(N / G) * K * G * max(G, D) * 8  # float64 bytes of one head's temporaries
     monkeypatch.setattr(module, "CHUNK_BYTES", heads_per_chunk * per_head)
@@ -316,3 +317,18 @@ def test_layout_values_unchecked_when_asked():
     q, k, v, G, layout = args
     with pytest.raises(ValueError, match="one row per query block"):
         sparse_attention(q, k, v, G, layout[1:], check_layout=False)
+
+
+def test_copied_alone_the_file_trains_with_sdpa(monkeypatch):
+    """Without sparse_attention_cpu.py beside it (a project that copied sparse_attention.py alone)
+    "auto" trains with the sdpa path, to the same result."""
+    import sys
+    q, k, v = (torch.randn(1, 2, 1 + 16, 8, dtype=torch.float64, requires_grad=True)
+               for _ in range(3))
+    layout = block_layout(4, 1, 2)
+    fast, _ = sparse_attention(q, k, v, 4, layout)
+    monkeypatch.setitem(sys.modules, "sparse_attention_cpu", None)  # import fails
+    alone, _ = sparse_attention(q, k, v, 4, layout)
+    torch.testing.assert_close(alone, fast)
+    with pytest.raises(AssertionError, match="needs sparse_attention_cpu.py"):
+        sparse_attention(q, k, v, 4, layout, impl="bmm")

@@ -1,6 +1,5 @@
 """Long runs: periodic checkpoints, the previous one kept, preemption by signals, one-line errors,
 and a run without a test split that ends well."""
-import errno
 import json
 import os
 import re
@@ -13,10 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 
+import run_control
 import synthetic
 import train
-from checkpoint import load_checkpoint, save_checkpoint
+from checkpoint import load_checkpoint
 
+pytestmark = pytest.mark.slow  # every test trains or starts train.py
 ROOT = Path(__file__).resolve().parent.parent
 STEPS = 6  # batches of 2 of 8 clips: 4 steps an epoch, so step 2 and 3 are mid-epoch
 
@@ -113,42 +114,9 @@ def test_sigterm_mid_epoch_writes_a_checkpoint_and_resume_continues(clips, tmp_p
     assert_same_weights(whole, torch.load(last, weights_only=True))
 
 
-def test_resume_command_replaces_resume():
-    argv = ["--resume", "old.pt", "--data", "a.json", "--resume=x.pt", "--max-steps", "9"]
-    assert train.resume_command(argv, "c/frames4/last.pt") == (
-        "python train.py --resume c/frames4/last.pt --data a.json --max-steps 9")
-    assert train.resume_command(["--resume", "--frames", "8"], "l.pt") == (
-        "python train.py --resume l.pt --frames 8")
-
-
-def partial_then_full(calls):
-    """torch.save that writes part of the file and fails like a full disk on call `calls`."""
-    real, count = torch.save, [0]
-
-    def save(obj, file, *args, **kwargs):
-        count[0] += 1
-        if count[0] == calls:
-            file.write(b"PK\x03\x04 half a checkpoint")
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real(obj, file, *args, **kwargs)
-    return save
-
-
-def test_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
-    path = tmp_path / "frames4" / "last.pt"
-    save_checkpoint(path, {"step": 1})
-    save_checkpoint(path, {"step": 2})
-    assert torch.load(tmp_path / "frames4" / "prev.pt", weights_only=True) == {"step": 1}
-    monkeypatch.setattr(torch, "save", partial_then_full(1))
-    with pytest.raises(OSError, match="No space left"):
-        save_checkpoint(path, {"step": 3})
-    assert torch.load(path, weights_only=True) == {"step": 2}
-    assert torch.load(tmp_path / "frames4" / "prev.pt", weights_only=True) == {"step": 1}
-    assert sorted(p.name for p in path.parent.iterdir()) == ["last.pt", "prev.pt"]
-
-
 def test_run_whose_save_fails_stops_in_one_line_and_prev_is_offered(clips, tmp_path,
                                                                    monkeypatch):
+    from test_checkpoint import partial_then_full
     monkeypatch.setattr(torch, "save", partial_then_full(3))
     with pytest.raises(SystemExit) as stop:
         run(clips, tmp_path, "--max-steps", "3", "--save-every", "1")
@@ -176,20 +144,6 @@ def test_training_without_a_test_split_exits_0_and_skips_the_evaluation(clips, t
     assert result.returncode == 0, result.stderr[-3000:]
     assert "the end-of-stage evaluation is skipped" in result.stderr
     assert torch.load(tmp_path / "frames4" / "last.pt", weights_only=True)["step"] == 1
-
-
-def test_failed_evaluation_is_one_line_and_keeps_the_checkpoint(clips, tmp_path):
-    path = tmp_path / "frames4" / "last.pt"
-    save_checkpoint(path, {"step": 1})  # not what eval.py can read
-    bad = tmp_path / "test.json"
-    bad.write_text(json.dumps([{"video": "x.mp4"}]))
-    with pytest.raises(SystemExit) as stop:
-        train.evaluate_stage(path, bad, clips["video_root"], "cpu")
-    message = str(stop.value)
-    assert message.startswith("the end-of-stage evaluation failed (")
-    assert "\n" not in message and "Traceback" not in message
-    assert f"the checkpoint {path} is kept" in message
-    assert path.exists()
 
 
 @pytest.mark.parametrize("extra, message", [
@@ -228,8 +182,8 @@ def test_bad_flag_is_one_line(clips, tmp_path, extra, message):
 
 def test_checkpoints_every_save_every_steps_and_at_the_end(clips, tmp_path, monkeypatch):
     saved = []
-    real = train.save_checkpoint
-    monkeypatch.setattr(train, "save_checkpoint",
+    real = run_control.save_checkpoint
+    monkeypatch.setattr(run_control, "save_checkpoint",
                         lambda path, state: saved.append(state["step"]) or real(path, state))
     # 4 steps an epoch: the epoch's end (step 4) is no reason to write one
     run(clips, tmp_path, "--max-steps", "7", "--epochs", "2", "--save-every", "3")

@@ -13,7 +13,6 @@ import curriculum
 import data
 import synthetic
 import train
-from checkpoint import save_checkpoint
 from model import preset
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -33,6 +32,7 @@ def run(clips, out, *extra):
                        "--no-eval", *extra])
 
 
+@pytest.mark.slow
 def test_expansion_from_4_to_8_frames(clips, tmp_path):
     run(clips, tmp_path, "--frames", "4", "--max-steps", "2")
     four = torch.load(tmp_path / "frames4" / "last.pt", weights_only=True)
@@ -66,6 +66,7 @@ def test_expansion_from_4_to_8_frames(clips, tmp_path):
         assert torch.equal(new[key], old[key]), f"{key} changed in the expansion"
 
 
+@pytest.mark.slow
 def test_resume_continues_exactly(clips, tmp_path):
     whole = run(clips, tmp_path / "whole", "--frames", "4", "--max-steps", "4", "--epochs", "2")
     first = run(clips, tmp_path / "split", "--frames", "4", "--max-steps", "2", "--epochs", "2")
@@ -81,6 +82,7 @@ def test_resume_continues_exactly(clips, tmp_path):
         torch.testing.assert_close(b["model"][key], a["model"][key], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_checkpoint_of_another_shape_names_the_keys(clips, tmp_path):
     run(clips, tmp_path, "--frames", "4", "--max-steps", "1")
     path = tmp_path / "frames4" / "last.pt"
@@ -96,18 +98,14 @@ def test_checkpoint_of_another_shape_names_the_keys(clips, tmp_path):
         run(clips, tmp_path, "--resume")
 
 
-def test_checkpoint_written_atomically(tmp_path):
-    save_checkpoint(tmp_path / "a" / "last.pt", {"step": 1})
-    assert torch.load(tmp_path / "a" / "last.pt", weights_only=True) == {"step": 1}
-    assert not list((tmp_path / "a").glob("*.tmp"))
-
-
+@pytest.mark.slow
 def test_non_finite_loss_stops_with_the_batch_videos(clips, tmp_path):
     # a learning rate of 1e30 sends the weights to infinity after the first step
     with pytest.raises(SystemExit, match=r"loss is nan.*batch videos: .*\.mp4"):
         run(clips, tmp_path, "--frames", "4", "--max-steps", "4", "--lr", "1e30")
 
 
+@pytest.mark.slow
 def test_persistent_workers_draw_each_epochs_frames(clips):
     """The sampler's (epoch, index) pairs reach workers that outlive set_epoch: every epoch's items
     carry that epoch's seeds, the ones a loader without workers draws."""
@@ -142,6 +140,7 @@ def test_cosine_schedule_stops_at_its_floor():
         assert rates[2:10] == sorted(rates[2:10], reverse=True)
 
 
+@pytest.mark.slow
 def test_loader_masks_at_the_configs_rate(clips):
     dataset = data.VideoTextDataset(clips["train"], clips["video_root"], frames=1, image_size=32,
                                     train=True)
@@ -150,51 +149,6 @@ def test_loader_masks_at_the_configs_rate(clips):
         loader, _, _ = train.make_loader(dataset, config, per_rank=8, world=1, rank=0, seed=0,
                                          workers=0, device=torch.device("cpu"), task="pretrain")
         assert loader.collate_fn.mlm_probability == rate
-
-
-def batches_of(sampler, batch_size):
-    indices = [index for _, index in sampler]
-    return [indices[i:i + batch_size] for i in range(0, len(indices), batch_size)]
-
-
-def test_grouped_batches_hold_whole_groups():
-    groups = [f"scene{i // 4}" for i in range(48)]   # 12 groups of 4, items of a group adjacent
-    groups = [groups[i] for i in torch.randperm(48, generator=torch.Generator().manual_seed(0))]
-    dataset = list(range(48))
-    sampler = train.ResumableSampler(dataset, world=1, rank=0, seed=3, batch_size=8, groups=groups)
-    sampler.set_epoch(0)
-    batches = batches_of(sampler, 8)
-    assert len(batches) == len(sampler) // 8 == 6
-    for batch in batches:
-        labels = [groups[i] for i in batch]
-        assert all(labels.count(g) == 4 for g in labels), labels
-    assert sorted(i for b in batches for i in b) == list(range(48))
-    sampler.set_epoch(1)
-    assert batches_of(sampler, 8) != batches   # a new order every epoch
-    # DDP: two ranks of 4 take the two halves of every global batch of 8; each half whole groups
-    shards = []
-    for rank in range(2):
-        shard = train.ResumableSampler(dataset, world=2, rank=rank, seed=3, batch_size=4,
-                                       groups=groups)
-        shard.set_epoch(0)
-        shards.append(batches_of(shard, 4))
-        for batch in shards[-1]:
-            assert len({groups[i] for i in batch}) == 1
-    assert [a + b for a, b in zip(*shards)] == batches
-    # resumed two batches into the epoch: the batches an unbroken run had not yet seen
-    sampler.set_epoch(0, skip_batches=2)
-    assert batches_of(sampler, 8) == batches[2:]
-
-
-def test_ungrouped_data_keeps_the_distributed_order():
-    dataset = list(range(20))
-    sampler = train.ResumableSampler(dataset, world=1, rank=0, seed=0, batch_size=4)
-    reference = torch.utils.data.DistributedSampler(dataset, num_replicas=1, rank=0, shuffle=True,
-                                                    seed=0,
-                                                    drop_last=True)
-    sampler.set_epoch(2)
-    reference.set_epoch(2)
-    assert [i for _, i in sampler] == list(reference)
 
 
 def test_text_side_trains_at_its_own_learning_rate():
@@ -274,38 +228,7 @@ def test_precision_choice():
 
 
 
-LOADER_AT_EXIT = """
-import sys, torch
-sys.path.insert(0, {root!r})
-from run_control import close_loader, ignore_stop_signals
-loader = torch.utils.data.DataLoader(list(range(8)), batch_size=2, num_workers=1,
-                                     persistent_workers=True, worker_init_fn=ignore_stop_signals)
-next(iter(loader))
-if sys.argv[1] == "close":
-    close_loader(loader)
-print("done", flush=True)
-"""
-
-
-@pytest.mark.parametrize("close", [True, False])
-def test_a_run_exits_with_its_loader_alive(tmp_path, close):
-    """Persistent workers ignore SIGTERM; a loader still alive at exit (here a global) made the
-    process wait for them forever unless close_loader stopped them first."""
-    script = tmp_path / "loader_at_exit.py"
-    script.write_text(LOADER_AT_EXIT.format(root=str(ROOT)))
-    process = subprocess.Popen([sys.executable, str(script), "close" if close else "keep"],
-                               stdout=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        process.wait(timeout=60 if close else 8)
-        exited = True
-    except subprocess.TimeoutExpired:
-        exited = False
-        os.killpg(process.pid, 9)
-        process.wait()
-    assert "done" in process.stdout.read()
-    assert exited == close
-
-
+@pytest.mark.slow
 def test_training_exits_with_its_loader_workers(clips, tmp_path):
     """train.py with a worker process exits once the stage is done, even where no garbage
     collection frees its loader (disabled here): the stage stops the workers itself."""

@@ -10,18 +10,17 @@ first (chance 50% once both are known), nor which way anything moved (chance 25%
 reversal hold the same frames). Reversing the frames swaps the events and the directions, so an
 encoder that reads order scores near 0 on first-event attributes of reversed clips.
 
-    python benchmarks/order_probe.py                        # the tiny preset's ViT (model.py)
-    python benchmarks/order_probe.py --set "stem='conv'"    # a stem with space-time kernels
-    python benchmarks/order_probe.py --encoder cnn          # a small per-frame CNN whose head sees
+    python experiments/order_probe.py                        # the tiny preset's ViT (model.py)
+    python experiments/order_probe.py --encoder cnn          # a small per-frame CNN whose head sees
                                                             # every (t, h, w) feature: a reference
-    python benchmarks/order_probe.py --set vision_layers=4 keep_rate_v=1.0 --lr 1e-3
-    python benchmarks/order_probe.py --readout tokens --set keep_rate_v=1.0  # heads on all tokens
-    python benchmarks/order_probe.py --head mlp             # a hidden layer of 512 before the heads
-    python benchmarks/order_probe.py --random-positions 0.6 # positions not split into t, h, w
-    python benchmarks/order_probe.py --num-train 8000       # more training scenes (own folder)
-    python benchmarks/order_probe.py --encoder text         # the text side: tiny's pretrained
+    python experiments/order_probe.py --set vision_layers=4 keep_rate_v=1.0 --lr 1e-3
+    python experiments/order_probe.py --readout tokens --set keep_rate_v=1.0  # heads on all tokens
+    python experiments/order_probe.py --head mlp             # a hidden layer of 512 first
+    python experiments/order_probe.py --random-positions 0.6 # positions not split into t, h, w
+    python experiments/order_probe.py --num-train 8000       # more training scenes (own folder)
+    python experiments/order_probe.py --encoder text         # the text side: tiny's pretrained
                                                             # f_t, frozen, pooled as VTC pools
-    python benchmarks/order_probe.py --checkpoint checkpoints/frames8/last.pt  # a trained model:
+    python experiments/order_probe.py --checkpoint checkpoints/frames8/last.pt  # a trained model:
                                     # heads on its frozen video and text features, before and
                                     # after the VTC projection (which side holds the order?)
 
@@ -43,9 +42,9 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import data  # noqa: E402
+from checkpoint import load_model  # noqa: E402
 from collate import tokenize_captions  # noqa: E402
 from config import preset  # noqa: E402
-from eval import load_model  # noqa: E402
 from model import SViTT, VideoEncoder  # noqa: E402
 from pretrained import text_model_path  # noqa: E402
 from synthetic import COLOURS, DIRECTIONS, SHAPES, ensure_synthetic, parse_caption  # noqa: E402
