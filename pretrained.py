@@ -40,18 +40,8 @@ def load_bert(config, pretrained):
     use). Missing weights of any other part are a warning."""
     from transformers import BertConfig, BertForMaskedLM
     if pretrained:
-        from transformers.utils import logging as transformers_logging
-        verbosity = transformers_logging.get_verbosity()
-        bars = transformers_logging.is_progress_bar_enabled()
-        transformers_logging.set_verbosity_error()
-        transformers_logging.disable_progress_bar()
-        try:
-            bert, info = BertForMaskedLM.from_pretrained(text_model_path(config.text_model),
-                                                         output_loading_info=True)
-        finally:
-            transformers_logging.set_verbosity(verbosity)
-            if bars:
-                transformers_logging.enable_progress_bar()
+        bert, info = quietly(BertForMaskedLM.from_pretrained, text_model_path(config.text_model),
+                             output_loading_info=True)
         report_loading(config.text_model, info)
         return bert
     if config.text_config:
@@ -59,6 +49,22 @@ def load_bert(config, pretrained):
     if config.text_model == "bert-base-uncased":  # BertConfig's defaults are bert-base-uncased
         return BertForMaskedLM(BertConfig())
     return BertForMaskedLM(BertConfig.from_pretrained(text_model_path(config.text_model)))
+
+
+def quietly(load, *args, **kwargs):
+    """load(*args, **kwargs) with transformers' warnings and progress bars off: the project says
+    itself what a checkpoint lacked (report_loading, load_beit)."""
+    from transformers.utils import logging as transformers_logging
+    verbosity = transformers_logging.get_verbosity()
+    bars = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
+    try:
+        return load(*args, **kwargs)
+    finally:
+        transformers_logging.set_verbosity(verbosity)
+        if bars:
+            transformers_logging.enable_progress_bar()
 
 
 def report_loading(name, info):
@@ -126,7 +132,11 @@ def load_beit(video_encoder, path):
     from transformers import BeitModel
 
     config, ours = video_encoder.config, video_encoder
-    beit = BeitModel.from_pretrained(path)
+    beit, info = quietly(BeitModel.from_pretrained, path, output_loading_info=True)
+    missing = [k for k in info.get("missing_keys", []) if not k.startswith("pooler.")]
+    if missing:
+        log.warning(f"BEiT {path}: {len(missing)} weights missing from the checkpoint start "
+                    f"fresh: {', '.join(sorted(missing)[:8])}")
     bc = beit.config
     if (bc.hidden_size, bc.patch_size, bc.num_hidden_layers, bc.num_attention_heads) != (
             config.vision_width, config.patch_size, config.vision_layers, config.vision_heads):
@@ -208,4 +218,5 @@ def load_beit(video_encoder, path):
         if ours.pool_norm is not None and "pooler.layernorm.weight" in sd:
             ours.pool_norm.load_state_dict(norm("pooler.layernorm"))
             loaded.append("pooler norm")
+    log.info(f"video encoder from BEiT {path}: {', '.join(loaded)}")
     return loaded

@@ -11,25 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-import synthetic
-
 pytestmark = pytest.mark.slow  # torchrun, after a training run
 ROOT = Path(__file__).resolve().parent.parent
 PORTS = iter(range(29540, 29560))  # one rendezvous port a launch, so launches never collide
-
-
-@pytest.fixture(scope="module")
-def clips(tmp_path_factory):
-    """8 training clips with their QA set, and a 1-step pre-training checkpoint to fine-tune."""
-    import train
-    root = tmp_path_factory.mktemp("synthetic")
-    paths = synthetic.ensure_synthetic_qa(root, num_train=8, num_test=4, workers=1)
-    out = tmp_path_factory.mktemp("pretrain")
-    train.main(["--data", str(root / "train.json"), "--video-root", paths["video_root"],
-                "--output-dir", str(out), "--batch-size", "4", "--workers", "0", "--no-eval",
-                "--max-steps", "1"])
-    return {**paths, "pretrain": str(root / "train.json"),
-            "checkpoint": str(out / "frames4" / "last.pt")}
 
 
 def torchrun(*args, out, wait=True):
@@ -52,8 +36,8 @@ def load(path):
     return torch.load(path, weights_only=True)
 
 
-def test_pretraining_two_processes_with_a_random_stream_each(clips, tmp_path):
-    log = torchrun("--data", clips["pretrain"], "--video-root", clips["video_root"],
+def test_pretraining_two_processes_with_a_random_stream_each(pretrained, tmp_path):
+    log = torchrun("--data", pretrained["pretrain"], "--video-root", pretrained["video_root"],
                    "--max-steps", "2", out=tmp_path)
     ckpt = load(tmp_path / "frames4" / "last.pt")
     assert ckpt["step"] == 2 and ckpt["run"]["batch_size"] == 4
@@ -64,20 +48,20 @@ def test_pretraining_two_processes_with_a_random_stream_each(clips, tmp_path):
 
 
 @pytest.mark.parametrize("task", ["retrieval", "qa"])
-def test_finetuning_two_processes(clips, tmp_path, task):
+def test_finetuning_two_processes(pretrained, tmp_path, task):
     """Fine-tuning's losses leave parameters unused (the MLM head; QA's VTC and VTM heads), which
     DistributedDataParallel would wait for at the second step: finetune.freeze_unused."""
-    extra = (["--data", clips["train"], "--answer-list", clips["answer_list"]] if task == "qa"
-             else ["--data", clips["pretrain"]])
-    torchrun("--task", task, "--init", clips["checkpoint"], "--video-root", clips["video_root"],
-             "--max-steps", "3", *extra, out=tmp_path)
+    extra = (["--data", pretrained["train"], "--answer-list", pretrained["answer_list"]]
+             if task == "qa" else ["--data", pretrained["pretrain"]])
+    torchrun("--task", task, "--init", str(pretrained["checkpoint"]), "--video-root",
+             pretrained["video_root"], "--max-steps", "3", *extra, out=tmp_path)
     ckpt = load(tmp_path / f"{task}_frames4" / "last.pt")
     assert ckpt["step"] == 3 and ckpt["run"]["task"] == task
 
 
-def test_sigterm_under_torchrun_stops_with_a_checkpoint_and_resume_continues(clips, tmp_path):
-    args = ["--data", clips["pretrain"], "--video-root", clips["video_root"], "--max-steps", "6",
-            "--epochs", "3"]
+def test_sigterm_under_torchrun_stops_with_a_checkpoint_and_resume_continues(pretrained, tmp_path):
+    args = ["--data", pretrained["pretrain"], "--video-root", pretrained["video_root"],
+            "--max-steps", "6", "--epochs", "3"]
     torchrun(*args, out=tmp_path / "unbroken")
     whole = load(tmp_path / "unbroken" / "frames4" / "last.pt")
 

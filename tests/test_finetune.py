@@ -7,24 +7,9 @@ import json
 import pytest
 import torch
 
-import synthetic
-
 # --------------------------------------------------------------------------------------------
 # Fine-tuning runs (train.py --task ...)
 # --------------------------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def pretrained(tmp_path_factory):
-    """A synthetic data set with its QA set, and a 1-step pre-training checkpoint."""
-    import train
-    root = tmp_path_factory.mktemp("synthetic")
-    clips = synthetic.ensure_synthetic_qa(root, num_train=8, num_test=4, workers=1)
-    out = tmp_path_factory.mktemp("pretrain")
-    train.main(["--data", str(root / "train.json"), "--video-root", clips["video_root"],
-                "--output-dir", str(out), "--batch-size", "4", "--workers", "0", "--no-eval",
-                "--frames", "4", "--max-steps", "1"])
-    return {**clips, "root": root, "checkpoint": out / "frames4" / "last.pt"}
-
 
 def finetune_run(pretrained, out, *extra):
     import train

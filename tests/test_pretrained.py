@@ -109,3 +109,25 @@ def test_the_text_encoder_loads_with_one_line_of_our_own(capfd, caplog):
     lines = [r.getMessage() for r in caplog.records if r.name == "train"]
     assert len(lines) == 1 and "no MLM head, which starts fresh" in lines[0]
     assert "LOAD REPORT" not in caplog.text and "corrupted" not in caplog.text
+
+
+def test_beit_loads_with_one_line_of_our_own(tmp_path, capfd, caplog):
+    """A BEiT classifier checkpoint (the hub's layout) holds a head SViTT does not use:
+    transformers would print a table of unexpected keys; the project says what it loaded."""
+    import logging
+
+    from transformers import BeitForImageClassification
+    config = BeitConfig(image_size=32, patch_size=16, hidden_size=64, num_hidden_layers=2,
+                        num_attention_heads=2, intermediate_size=256, num_labels=5,
+                        use_relative_position_bias=True, use_mean_pooling=True)
+    BeitForImageClassification(config).save_pretrained(tmp_path / "beit")
+    capfd.readouterr()
+    encoder = SViTT(preset("tiny", frames=2, image_size=32, vision_width=64, vision_layers=2,
+                           prune_after=[]), pretrained=False).video_encoder
+    with caplog.at_level(logging.INFO, logger="train"):
+        load_beit(encoder, str(tmp_path / "beit"))
+    printed = capfd.readouterr()
+    assert printed.err == "" and printed.out == "", printed
+    assert [r.getMessage() for r in caplog.records] == [
+        f"video encoder from BEiT {tmp_path / 'beit'}: patch_embed, cls_token, 2 blocks with "
+        f"relative bias (inflated)"]
