@@ -72,12 +72,12 @@ def report_loading(name, info):
     missing = sorted(info.get("missing_keys", []))
     fresh = [k for k in missing if k.startswith("cls.predictions.")]
     others = [k for k in missing if not k.startswith("cls.predictions.")]
-    unused = sorted(k for k in info.get("unexpected_keys", []) if k.startswith("bert.pooler.")
-                    or k.startswith("pooler."))
+    pooler = any(k.startswith(("bert.pooler.", "pooler."))
+                 for k in info.get("unexpected_keys", []))
     if fresh:
         log.info(f"text encoder {name}: its checkpoint has no MLM head, which starts fresh "
                  f"({len(fresh)} tensors; MLM, Eq. 31, trains it)"
-                 + ("; its pooler is not used" if unused else ""))
+                 + ("; its pooler is not used" if pooler else ""))
     if others:
         log.warning(f"text encoder {name}: {len(others)} weights missing from the checkpoint "
                     f"start fresh: {', '.join(others[:8])}")

@@ -232,13 +232,12 @@ def close_loader(loader):
 # Checkpoint state
 # --------------------------------------------------------------------------------------------
 
-def training_state(model, optimizer, scheduler, *, step, epoch, config, run, world=1):
-    """The checkpoint of a run: everything a true resume needs to continue exactly, the random
-    states of each of its `world` processes among it. Every process calls it (the random states
-    are gathered); the main process writes it."""
+def training_state(model, optimizer, scheduler, *, step, epoch, config, run, rng=None):
+    """The checkpoint of a run: everything a true resume needs to continue exactly. `rng`: the
+    random states of each of its processes (all_rng_states), by default this one's alone."""
     return {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(), "step": step, "epoch": epoch,
-            "rng": all_rng_states(world), "config": config.to_dict(), "run": run}
+            "rng": [rng_state()] if rng is None else rng, "config": config.to_dict(), "run": run}
 
 
 class StageCheckpoint:
@@ -254,12 +253,13 @@ class StageCheckpoint:
         self.saved_step = None
 
     def save(self, step, epoch, reason):
-        state = training_state(self.model, self.optimizer, self.scheduler, step=step, epoch=epoch,
-                               config=self.config, run=self.run, world=self.world)
+        rng = all_rng_states(self.world)  # a collective: every process takes part
         if self.rank != 0:
             return
         try:
-            save_checkpoint(self.path, state)
+            save_checkpoint(self.path, training_state(
+                self.model, self.optimizer, self.scheduler, step=step, epoch=epoch,
+                config=self.config, run=self.run, rng=rng))
         except OSError as error:
             kept = (f"{self.path} (step {self.saved_step}) is unchanged" if self.saved_step
                     else "no checkpoint of this run was written")

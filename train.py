@@ -353,8 +353,7 @@ def distributed(model, world, device):
         model, device_ids=[device] if device.type == "cuda" else None)
 
 
-def stage_line(config):
-    edges = curriculum.count_config_edges(config)
+def stage_line(config, edges):
     return (f"stage T={config.frames} ({config.preset}): (K_l, K_r, G)=({config.local_blocks}, "
             f"{config.random_blocks}, {config.block_size}), (q_v, q_m)=({config.keep_rate_v}, "
             f"{config.keep_rate_m}), {edges.total / 1e6:.3f}M edges of {edges.dense / 1e6:.3f}M "
@@ -373,7 +372,8 @@ def train(args, argv=()):
     seed_everything(args.seed, rank)  # each process its own dropout and random blocks (Eq. 8)
     model, config, stage, ckpt, exact = build(args, run_log.line)
     finetune.freeze_unused(model, args.task)  # DDP waits for a gradient of every trainable one
-    run_log.line(stage_line(config))
+    edges = curriculum.count_config_edges(config)  # Eq. 17-19, logged with every step
+    run_log.line(stage_line(config, edges))
     train_ann, test_ann, video_root = data_paths(args)
     dataset = make_dataset(args, config, train_ann, video_root)
     hp = hyper_parameters(args, stage, ckpt if exact else None)
@@ -409,8 +409,6 @@ def train(args, argv=()):
     run_log.line(f"{len(dataset)} {items}, {steps_per_epoch} steps of {batch_size} {item} an "
                  f"epoch, {epochs} epochs, lr {hp['lr']:g}, {world} process(es) on {device}, "
                  f"{'bf16 autocast' if bf16 else 'fp32'}; logs in {stage_dir}")
-
-    edges = curriculum.count_config_edges(config)  # logged with every step
 
     # the loop: a resumed epoch skips the batches it has seen; every process stops after the
     # same step, and saves at the same steps
